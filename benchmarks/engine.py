@@ -1,0 +1,235 @@
+"""Engine benchmark, run by hand: `python benchmarks/engine.py [--part 1 2 3]`.
+
+1. images/s of the tool's fastai training step vs a bare PyTorch loop (same model, batch,
+   precision, device, same device-resident batches), measured in one process, interleaved.
+2. The seed article's recipe (fastai DataBlock pipeline, vision_learner(resnet34), bs 128,
+   lr_find minimum/10, 10 epochs one-cycle) vs the tool's default recipe on kmnist_sample:
+   wall time to reach the seed's final held-out accuracy, and both final accuracies.
+3. On CUDA only: images/s for resnet18/34/50 at batch 128/512/2048, and epoch time on a
+   60k-image synthetic set, with and without bf16 and channels_last.
+Prints markdown tables; paste them into docs/benchmarks.md with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kmnist_sweep import engine  # noqa: E402
+from kmnist_sweep.data import Dataset, Split, load_dataset  # noqa: E402
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def machine() -> str:
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{dev}, torch {torch.__version__}"
+    )
+
+
+# ------------------------------------------------------------------ part 1: step throughput
+
+
+def bare_epoch(learn: engine.Learner, lr: float) -> float:
+    """One epoch of a plain PyTorch loop over the learner's own loader; returns seconds."""
+    model, loader = learn.model, learn.dls.train
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    loss_fn = learn.loss_func
+    model.train()
+    start = time.perf_counter()
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def tool_epoch(learn: engine.Learner, lr: float) -> float:
+    """One epoch of the tool's fastai step (one-cycle, recorder, metrics off the clock)."""
+    start = time.perf_counter()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1, lr_max=lr)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def part1(repeats: int) -> None:
+    cfg = compose_cfg("data=synthetic", "data.n_train=6400", "data.n_test=64", "trainer.batch_size=128")
+    data = load_dataset(cfg.data)
+    tiny_valid = Split(data.valid.images[:128], data.valid.labels[:128])
+    data = Dataset(data.name, data.classes, data.train, tiny_valid, data.test, data.metric, "")
+    learn = engine.build_learner(cfg, data)
+    n = data.train.labels.numel()
+    bare_epoch(learn, 1e-3)  # warm-up: allocator, oneDNN kernels
+    bare, tool = [], []
+    for _ in range(repeats):  # interleaved so drifts in machine load hit both alike
+        bare.append(n / bare_epoch(learn, 1e-3))
+        tool.append(n / tool_epoch(learn, 1e-3))
+    b, t = statistics.median(bare), statistics.median(tool)
+    print("\n### 1. Training step throughput (resnet18, imagenet stem, batch 128, fp32)\n")
+    print("| loop | images/s (median of %d epochs of %d images) |" % (repeats, n))
+    print("|---|---|")
+    print(f"| bare PyTorch | {b:.0f} |")
+    print(f"| kmnist_sweep (fastai Learner, device loader) | {t:.0f} |")
+    print(f"| ratio tool/bare | {t / b:.3f} |")
+
+
+# ------------------------------------------------------------------ part 2: seed recipe
+
+
+def heldout_dataset() -> Dataset:
+    """kmnist_sample with train+valid merged for training and the 20% held-out as valid."""
+    data = load_dataset(compose_cfg("data=kmnist_sample").data)
+    train = Split(
+        torch.cat([data.train.images, data.valid.images]),
+        torch.cat([data.train.labels, data.valid.labels]),
+    )
+    return Dataset(data.name, data.classes, train, data.test, data.test, data.metric, data.note)
+
+
+def seed_recipe(data: Dataset, epochs: int) -> tuple[list[tuple[float, float]], float]:
+    from fastai.callback.core import Callback
+    from fastai.data.block import CategoryBlock, DataBlock
+    from fastai.data.transforms import IndexSplitter
+    from fastai.metrics import accuracy
+    from fastai.vision.all import ImageBlock, PILImageBW, minimum, resnet34, vision_learner
+
+    images = torch.cat([data.train.images, data.valid.images]).numpy()
+    labels = torch.cat([data.train.labels, data.valid.labels]).numpy()
+    n_train = data.train.labels.numel()
+    block = DataBlock(
+        blocks=(ImageBlock(cls=PILImageBW), CategoryBlock),
+        get_x=lambda i: PILImageBW.create(images[i]),
+        get_y=lambda i: int(labels[i]),
+        splitter=IndexSplitter(list(range(n_train, len(labels)))),
+    )
+    start = time.perf_counter()
+    dls = block.dataloaders(np.arange(len(labels)), bs=128, num_workers=0)
+    learn = vision_learner(dls, resnet34, pretrained=False, n_in=1, metrics=accuracy)
+    with learn.no_bar(), learn.no_logging():
+        (lr,) = learn.lr_find(suggest_funcs=(minimum,), show_plot=False)
+    curve: list[tuple[float, float]] = []
+
+    class Clock(Callback):
+        order = 70
+
+        def after_epoch(self) -> None:
+            curve.append((time.perf_counter() - start, float(self.learn.recorder.log[3])))
+
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(epochs, lr, cbs=[Clock()])
+    return curve, lr
+
+
+def tool_recipe(data: Dataset, overrides: list[str]) -> list[tuple[float, float]]:
+    cfg = compose_cfg("data=kmnist_sample", *overrides)
+    curve: list[tuple[float, float]] = []
+    start = time.perf_counter()
+
+    def clock(epoch: int, metrics: dict[str, float]) -> None:
+        curve.append((time.perf_counter() - start, metrics["val/acc"]))
+
+    engine.train(cfg, data, clock, quiet=True)
+    return curve
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, acc in curve if acc >= target), None)
+
+
+def part2(epochs: int, overrides: list[str]) -> None:
+    data = heldout_dataset()
+    seed_curve, seed_lr = seed_recipe(data, epochs)
+    tool_curve = tool_recipe(data, overrides)
+    target = seed_curve[-1][1]
+    reach = time_to(tool_curve, target)
+    print(f"\n### 2. Seed recipe vs tool default on kmnist_sample ({data.note})\n")
+    print(f"train {data.train.labels.numel()} / held-out {data.valid.labels.numel()} images\n")
+    print("| recipe | epochs | final held-out acc | wall s | s to reach seed's final acc |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| seed: DataBlock + vision_learner(resnet34), bs 128, lr_find minimum/10 = {seed_lr:.2e} "
+        f"| {epochs} | {target:.4f} | {seed_curve[-1][0]:.1f} | {seed_curve[-1][0]:.1f} |"
+    )
+    shown = " ".join(overrides) or "defaults"
+    reach_s = f"{reach:.1f} ({reach / seed_curve[-1][0]:.2f} of seed)" if reach else "not reached"
+    print(
+        f"| kmnist_sweep ({shown}) | {len(tool_curve)} | {tool_curve[-1][1]:.4f} "
+        f"| {tool_curve[-1][0]:.1f} | {reach_s} |"
+    )
+    print("\nper-epoch held-out accuracy (s, acc):")
+    print("seed:", [(round(t, 1), round(a, 4)) for t, a in seed_curve])
+    print("tool:", [(round(t, 1), round(a, 4)) for t, a in tool_curve])
+
+
+# ------------------------------------------------------------------ part 3: CUDA sweep
+
+
+def part3() -> None:
+    if not torch.cuda.is_available():
+        print("\n### 3. CUDA throughput: skipped (no CUDA device)")
+        return
+    print("\n### 3. CUDA throughput (60k synthetic 28x28 images, imagenet stem)\n")
+    print("| model | batch | bf16 | channels_last | images/s | epoch s |")
+    print("|---|---|---|---|---|---|")
+    for arch in ("resnet18", "resnet34", "resnet50"):
+        for bs in (128, 512, 2048):
+            for bf16, cl in ((False, False), (True, False), (True, True)):
+                cfg = compose_cfg(
+                    "data=synthetic",
+                    "data.n_train=60000",
+                    "data.n_test=256",
+                    f"model.arch={arch}",
+                    f"trainer.batch_size={bs}",
+                    f"trainer.precision={'bf16' if bf16 else 'fp32'}",
+                    f"trainer.channels_last={cl}",
+                )
+                data = load_dataset(cfg.data)
+                learn = engine.build_learner(cfg, data)
+                tool_epoch(learn, 1e-3)  # warm-up
+                secs = tool_epoch(learn, 1e-3)
+                n = data.train.labels.numel()
+                print(f"| {arch} | {bs} | {bf16} | {cl} | {n / secs:.0f} | {secs:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved epochs per loop")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of the seed recipe")
+    parser.add_argument("--tool", nargs="*", default=[], help="overrides for the tool recipe")
+    args = parser.parse_args(argv)
+    print(f"machine: {machine()}")
+    steps: dict[int, Callable[[], None]] = {
+        1: lambda: part1(args.repeats),
+        2: lambda: part2(args.epochs, args.tool),
+        3: part3,
+    }
+    for part in args.part:
+        steps[part]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""`python -m kmnist_sweep [overrides]`: compose the config, then train once or run a sweep."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import kmnist_sweep  # noqa: F401  (torchvision compat before fastai loads)
+from kmnist_sweep.errors import UserError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def train_once(cfg: DictConfig) -> float:
+    """Train one model from the composed config; print per-epoch and final test metrics."""
+    from kmnist_sweep import engine
+    from kmnist_sweep.data import load_dataset
+
+    dataset = load_dataset(cfg.data)
+    if dataset.note:
+        print(f"note: {dataset.note}", flush=True)
+    print(
+        f"training {cfg.model.arch} ({cfg.model.stem} stem) on {dataset.name}: "
+        f"{len(dataset.train.labels)} train / {len(dataset.valid.labels)} valid / "
+        f"{len(dataset.test.labels)} test images, {dataset.num_classes} classes",
+        flush=True,
+    )
+    result = engine.train(cfg, dataset, test=True)
+    key = dataset.metric
+    line = (
+        f"final: val/{key} {result.valid[f'val/{key}']:.4f}  "
+        f"test/{key} {result.test[f'test/{key}']:.4f}  ({result.seconds:.1f} s)"
+    )
+    print(line + (f"  [{dataset.note}]" if dataset.note else ""), flush=True)
+    return result.valid[f"val/{key}"]
+
+
+def run(cfg: DictConfig) -> float | None:
+    if cfg.search_space:
+        from kmnist_sweep.runner import run_sweep
+
+        summary = run_sweep(cfg)
+        return summary.best_value
+    return train_once(cfg)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _entry(cfg: DictConfig) -> float | None:
+    try:
+        return run(cfg)
+    except UserError as exc:
+        # Bad input is the user's to fix: one line, no traceback, exit status 2.
+        print(f"kmnist_sweep: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def main() -> None:
+    _entry()
+
+
+if __name__ == "__main__":
+    main()

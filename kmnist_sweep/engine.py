@@ -1,0 +1,360 @@
+"""Training: the whole split on the device, batches cut from a device-side permutation.
+
+The datasets are small (KMNIST is 47 MB as uint8), so a DataLoader with workers only
+adds copies. A `DeviceLoader` keeps the uint8 images on the training device, draws a
+seeded permutation per epoch, and normalises and augments a whole batch at once. It
+quacks like a fastai DataLoader, so fastai's Learner, Recorder, `fit_one_cycle` and
+`lr_find` run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner)
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.metrics import Metric, accuracy
+from fastai.optimizer import OptimWrapper
+from omegaconf import DictConfig
+from torch import nn
+
+from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.model import build_model
+
+if TYPE_CHECKING:
+    from kmnist_sweep.data import Dataset, Split
+
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
+# ---------------------------------------------------------------- device and precision
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is the first GPU when there is one; an unusable choice is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"trainer.device={name!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name!r} but no CUDA device is visible")
+    return device
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"trainer.precision={precision!r} is not auto, bf16 or fp32")
+    if precision == "bf16" and device.type != "cuda":
+        raise ConfigError("trainer.precision=bf16 needs a CUDA device (CPU autocast is slower)")
+    return device.type == "cuda" and precision in ("auto", "bf16")
+
+
+def use_channels_last(setting: Any, device: torch.device) -> bool:
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+# ---------------------------------------------------------------- the loader
+
+
+@dataclass(frozen=True)
+class Augment:
+    translate: int = 0  # pixels: largest random shift per axis
+    cutout: int = 0  # pixels: side of a zeroed square (0 = off)
+
+
+def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
+    """Random shifts (zero fill) and cutout on a (B, 1, H, W) batch; never flips, which
+    would mirror characters into other or non-existent ones."""
+    b, _, h, w = x.shape
+    dev = x.device
+    if aug.translate > 0:
+        t = aug.translate
+        padded = nn.functional.pad(x, (t, t, t, t))
+        dy = torch.randint(0, 2 * t + 1, (b, 1), generator=gen, device=dev)
+        dx = torch.randint(0, 2 * t + 1, (b, 1), generator=gen, device=dev)
+        rows = (torch.arange(h, device=dev) + dy)[:, :, None]
+        cols = (torch.arange(w, device=dev) + dx)[:, None, :]
+        batch = torch.arange(b, device=dev)[:, None, None]
+        x = padded[:, 0][batch, rows, cols].unsqueeze(1)
+    if aug.cutout > 0:
+        cy = torch.randint(0, h, (b, 1, 1, 1), generator=gen, device=dev)
+        cx = torch.randint(0, w, (b, 1, 1, 1), generator=gen, device=dev)
+        ys = torch.arange(h, device=dev)[None, None, :, None]
+        xs = torch.arange(w, device=dev)[None, None, None, :]
+        dy, dx = ys - cy + aug.cutout // 2, xs - cx + aug.cutout // 2
+        hole = (dy >= 0) & (dy < aug.cutout) & (dx >= 0) & (dx < aug.cutout)
+        x = x.masked_fill(hole, 0.0)
+    return x
+
+
+class DeviceLoader:
+    """Batches of (normalised float images, labels) from uint8 tensors held on `device`."""
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        device: torch.device,
+        *,
+        shuffle: bool,
+        seed: int,
+        mean: float,
+        std: float,
+        augment: Augment | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.bs = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.mean, self.std = mean, std
+        self.augment = augment
+        self.channels_last = channels_last
+        self.seed = seed
+        self.epoch = 0  # advances each pass so every epoch has its own permutation
+        self.gen = torch.Generator(device=device)
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.bs)
+
+    def order(self) -> torch.Tensor:
+        """This epoch's sample order: a permutation seeded by (seed, epoch), or 0..n-1."""
+        if not self.shuffle:
+            return torch.arange(self.n, device=self.device)
+        self.gen.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=self.gen, device=self.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self.order()
+        self.epoch += 1
+        # Near-equal batches of at most `bs`: every image once per epoch, and no ragged
+        # one-image batch for BatchNorm to choke on.
+        for sel in torch.tensor_split(idx, len(self)):
+            yield self.batch(sel)
+
+    def batch(self, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[sel].unsqueeze(1).float().sub_(self.mean * 255).div_(self.std * 255)
+        if self.augment is not None:
+            x = augment_batch(x, self.augment, self.gen)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.labels[sel]
+
+    # What fastai's Learner asks of a DataLoader beyond iteration.
+    def to(self, device: torch.device) -> DeviceLoader:
+        return self if torch.device(device) == self.device else self.new(device=device)
+
+    def new(self, **kwargs: Any) -> DeviceLoader:
+        """A copy over the same tensors (fastai calls this for predictions)."""
+        copy = DeviceLoader.__new__(DeviceLoader)
+        copy.__dict__.update(self.__dict__)
+        copy.gen = torch.Generator(device=self.device)
+        if "shuffle" in kwargs:
+            copy.shuffle = bool(kwargs["shuffle"])
+        return copy
+
+    def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(iter(self.new(shuffle=False)))
+
+
+def make_loaders(
+    dataset: Dataset, cfg: DictConfig, batch_size: int, device: torch.device, seed: int
+) -> DataLoaders:
+    """fastai DataLoaders (train, valid, test) over device-resident tensors."""
+    train_f = dataset.train.images.float() / 255
+    mean, std = float(train_f.mean()), float(train_f.std())  # of the training split only
+    channels_last = use_channels_last(cfg.channels_last, device)
+    common: dict[str, Any] = dict(device=device, seed=seed, mean=mean, std=std)
+    common["channels_last"] = channels_last
+    aug = Augment(translate=int(cfg.translate), cutout=int(cfg.cutout))
+    train = DeviceLoader(dataset.train, batch_size, shuffle=True, augment=aug, **common)
+    valid = DeviceLoader(dataset.valid, int(cfg.eval_batch_size), shuffle=False, **common)
+    test = DeviceLoader(dataset.test, int(cfg.eval_batch_size), shuffle=False, **common)
+    return DataLoaders(train, valid, test, device=device)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class BalancedAccuracy(Metric):
+    """Mean per-class recall: K49's classes range from ~400 to ~7000 images."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.reset()
+
+    def reset(self) -> None:
+        self.hits = torch.zeros(self.num_classes, dtype=torch.long)
+        self.total = torch.zeros(self.num_classes, dtype=torch.long)
+
+    def accumulate(self, learn: Learner) -> None:
+        pred = learn.pred.argmax(dim=-1).cpu()
+        targ = learn.y.cpu()
+        self.total += torch.bincount(targ, minlength=self.num_classes)
+        self.hits += torch.bincount(targ[pred == targ], minlength=self.num_classes)
+
+    @property
+    def value(self) -> float:
+        seen = self.total > 0
+        return float((self.hits[seen].float() / self.total[seen].float()).mean()) if seen.any() else 0.0
+
+    @property
+    def name(self) -> str:
+        return "bacc"
+
+
+def metric_keys(metric_names: list[str], prefix: str) -> list[str]:
+    return [f"{prefix}/{'acc' if n == 'accuracy' else n}" for n in metric_names]
+
+
+# ---------------------------------------------------------------- learner and training
+
+
+class EpochReport(Callback):
+    """Hands each epoch's metrics to `hook`; an exception it raises (e.g. a prune) stops fit."""
+
+    order = 70  # after fastai's Recorder (50) has written the epoch's log
+
+    def __init__(self, hook: EpochHook, epoch_offset: int = 0, echo: bool = False) -> None:
+        self.hook = hook
+        self.epoch_offset = epoch_offset
+        self.echo = echo  # one line per epoch where fastai's bars would garble a log file
+
+    def after_epoch(self) -> None:
+        rec = self.learn.recorder
+        names = rec.metric_names[1:-1]  # drop "epoch" and "time"
+        values = dict(zip(names, rec.log[1:-1], strict=True))
+        metrics = {
+            "train/loss": float(values["train_loss"]),
+            "val/loss": float(values["valid_loss"]),
+            "lr": float(self.learn.opt.hypers[-1]["lr"]),
+        }
+        for name in names[2:]:
+            metrics[metric_keys([name], "val")[0]] = float(values[name])
+        epoch = self.epoch_offset + self.learn.epoch + 1
+        if self.echo:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            print(f"epoch {epoch}/{self.epoch_offset + self.learn.n_epoch}  {shown}", flush=True)
+        self.hook(epoch, metrics)
+
+
+def build_learner(
+    cfg: DictConfig, dataset: Dataset, batch_size: int | None = None, seed: int | None = None
+) -> Learner:
+    """A fastai Learner for `cfg` (the whole composed config) on device-resident data."""
+    tcfg = cfg.trainer
+    seed = int(cfg.seed if seed is None else seed)
+    device = pick_device(str(tcfg.device))
+    if int(tcfg.threads) > 0 and device.type == "cpu":
+        torch.set_num_threads(int(tcfg.threads))
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, dataset.num_classes)
+    if use_channels_last(tcfg.channels_last, device):
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    bs = int(tcfg.batch_size if batch_size is None else batch_size)
+    dls = make_loaders(dataset, tcfg, bs, device, seed)
+    metrics: list[Any] = [accuracy]
+    if dataset.metric == "bacc":
+        metrics.append(BalancedAccuracy(dataset.num_classes))
+    learn = Learner(
+        dls,
+        model.to(device),
+        loss_func=nn.CrossEntropyLoss(label_smoothing=float(tcfg.label_smoothing)),
+        opt_func=_opt_func(tcfg, device),
+        metrics=metrics,
+        wd=float(tcfg.weight_decay),
+        moms=(0.95, 0.85, 0.95) if tcfg.optimizer == "sgd" else (float(tcfg.momentum), 0.85, float(tcfg.momentum)),
+    )
+    if use_bf16(str(tcfg.precision), device):
+        learn.add_cb(MixedPrecision(amp_mode="bf16"))
+    return learn
+
+
+def _opt_func(tcfg: DictConfig, device: torch.device) -> Callable[..., OptimWrapper]:
+    # PyTorch's own optimisers run as a few fused kernels; fastai's loop over parameters in
+    # Python, which on a GPU costs more than a small ResNet's step.
+    fused = device.type == "cuda"
+    if tcfg.optimizer == "adamw":
+        return partial(OptimWrapper, opt=partial(torch.optim.AdamW, fused=fused))
+    if tcfg.optimizer == "sgd":
+        return partial(OptimWrapper, opt=partial(torch.optim.SGD, momentum=0.9, nesterov=True))
+    raise ConfigError(f"trainer.optimizer={tcfg.optimizer!r} is not adamw or sgd")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per epoch
+    valid: dict[str, float] = field(default_factory=dict)  # final validation metrics
+    test: dict[str, float] = field(default_factory=dict)  # empty unless asked for
+    seconds: float = 0.0  # wall time of fit + evaluation
+    learner: Learner | None = None
+
+
+def evaluate(learn: Learner, ds_idx: int, prefix: str) -> dict[str, float]:
+    """Loss and metrics of the model as it stands on loader `ds_idx` (1 valid, 2 test)."""
+    with learn.no_bar():
+        values = learn.validate(ds_idx=ds_idx)
+    names = ["loss"] + [("acc" if m.name == "accuracy" else m.name) for m in learn.metrics]
+    return {f"{prefix}/{n}": float(v) for n, v in zip(names, values, strict=True)}
+
+
+def train(
+    cfg: DictConfig,
+    dataset: Dataset,
+    on_epoch: EpochHook | None = None,
+    *,
+    test: bool = False,
+    learn: Learner | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """One-cycle training for `cfg.trainer.epochs` epochs (0 evaluates the untrained net)."""
+    epochs = int(cfg.trainer.epochs)
+    if not 0 <= epochs <= 30:
+        raise ConfigError(f"trainer.epochs={epochs} is outside 0-30")
+    learn = learn or build_learner(cfg, dataset)
+    result = TrainResult(learner=learn)
+
+    def record(epoch: int, metrics: dict[str, float]) -> None:
+        result.history.append({"epoch": float(epoch), **metrics})
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    bars = not quiet and sys.stderr.isatty()
+    start = time.perf_counter()
+    if epochs > 0:
+        with contextlib.ExitStack() as stack:
+            if not bars:
+                stack.enter_context(learn.no_bar())
+                stack.enter_context(learn.no_logging())
+            learn.fit_one_cycle(
+                epochs,
+                lr_max=float(cfg.trainer.lr),
+                pct_start=float(cfg.trainer.pct_start),
+                cbs=[EpochReport(record, echo=not bars and not quiet)],
+            )
+        last = result.history[-1]
+        result.valid = {k: v for k, v in last.items() if k.startswith("val/")}
+    else:
+        result.valid = evaluate(learn, 1, "val")
+    if test:
+        result.test = evaluate(learn, 2, "test")
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,26 @@
+"""Shared fixtures: composed configs and paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import kmnist_sweep  # noqa: F401  (torchvision compat first)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_KMNIST = REPO.parent / "shared" / "data" / "kmnist"
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    """compose_cfg("data=synthetic", "+sweep=lr") -> the composed config."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _compose

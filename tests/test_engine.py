@@ -1,0 +1,183 @@
+"""The training engine: device loader, augmentation, fastai training on synthetic data."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from kmnist_sweep import engine
+from kmnist_sweep.data import Dataset, Split, load_dataset
+from kmnist_sweep.errors import ConfigError
+
+FAST = ("data=synthetic", "trainer.batch_size=64", "trainer.eval_batch_size=256")
+
+
+@pytest.fixture
+def synthetic(compose_cfg: Callable[..., DictConfig]) -> tuple[DictConfig, Dataset]:
+    cfg = compose_cfg(*FAST, "trainer.epochs=2")
+    return cfg, load_dataset(cfg.data)
+
+
+def _loader(n: int, bs: int, shuffle: bool, seed: int = 0) -> engine.DeviceLoader:
+    split = Split(torch.zeros(n, 8, 8, dtype=torch.uint8), torch.arange(n))
+    return engine.DeviceLoader(
+        split, bs, torch.device("cpu"), shuffle=shuffle, seed=seed, mean=0.5, std=0.25
+    )
+
+
+@pytest.mark.parametrize(("n", "bs"), [(1000, 128), (129, 64), (64, 64), (5, 128)])
+def test_loader_yields_every_index_once_per_epoch(n: int, bs: int) -> None:
+    loader = _loader(n, bs, shuffle=True)
+    orders = []
+    for _ in range(3):
+        seen = torch.cat([y for _, y in loader])
+        assert sorted(seen.tolist()) == list(range(n))
+        assert all(len(y) <= bs for _, y in loader)
+        orders.append(seen)
+    if n > 5:
+        assert not torch.equal(orders[0], orders[1]), "each epoch must have its own order"
+
+
+def test_loader_batches_have_no_stragglers() -> None:
+    # 129 images at batch 64 must not leave a one-image batch (BatchNorm cannot train on it).
+    sizes = [len(y) for _, y in _loader(129, 64, shuffle=True)]
+    assert min(sizes) >= 43 and sum(sizes) == 129
+
+
+def test_loader_order_is_seeded() -> None:
+    a = torch.cat([y for _, y in _loader(300, 32, shuffle=True, seed=7)])
+    b = torch.cat([y for _, y in _loader(300, 32, shuffle=True, seed=7)])
+    c = torch.cat([y for _, y in _loader(300, 32, shuffle=True, seed=8)])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_loader_normalises() -> None:
+    split = Split(torch.full((4, 2, 2), 255, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+    loader = engine.DeviceLoader(
+        split, 4, torch.device("cpu"), shuffle=False, seed=0, mean=0.5, std=0.25
+    )
+    x, _ = next(iter(loader))
+    assert x.shape == (4, 1, 2, 2) and torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def _shifts(img: torch.Tensor, t: int) -> list[torch.Tensor]:
+    padded = torch.nn.functional.pad(img, (t, t, t, t))
+    h, w = img.shape[-2:]
+    return [
+        padded[..., dy : dy + h, dx : dx + w]
+        for dy, dx in itertools.product(range(2 * t + 1), repeat=2)
+    ]
+
+
+def test_augmentation_only_shifts_never_flips() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 12, 12, generator=gen)  # random images are asymmetric
+    out = engine.augment_batch(x, engine.Augment(translate=2), gen)
+    assert out.shape == x.shape
+    moved = 0
+    for src, dst in zip(x, out, strict=True):
+        matches = [torch.equal(s, dst) for s in _shifts(src, 2)]
+        assert any(matches), "augmented image is not a shift of its source"
+        assert not torch.equal(dst, src.flip(-1)) and not torch.equal(dst, src.flip(-2))
+        moved += not torch.equal(dst, src)
+    assert moved > 32, "translations should move most images"
+
+
+def test_cutout_zeroes_a_square() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.ones(16, 1, 20, 20)
+    out = engine.augment_batch(x, engine.Augment(cutout=6), gen)
+    zeros = (out == 0).sum(dim=(1, 2, 3))
+    assert (zeros > 0).all() and (zeros <= 36).all()
+
+
+def test_short_training_lowers_the_loss(synthetic: tuple[DictConfig, Dataset]) -> None:
+    cfg, data = synthetic
+    untrained = engine.evaluate(engine.build_learner(cfg, data), 1, "val")
+    result = engine.train(cfg, data, quiet=True)
+    assert len(result.history) == 2
+    assert result.valid["val/loss"] < untrained["val/loss"]
+    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"] * 1.05
+    assert result.valid["val/acc"] > 1.5 / data.num_classes  # well above chance
+
+
+def test_epoch_hook_sees_every_epoch(synthetic: tuple[DictConfig, Dataset]) -> None:
+    cfg, data = synthetic
+    seen: list[int] = []
+    engine.train(cfg, data, lambda epoch, m: seen.append(epoch), quiet=True)
+    assert seen == [1, 2]
+
+
+def test_hook_exception_stops_training(synthetic: tuple[DictConfig, Dataset]) -> None:
+    cfg, data = synthetic
+
+    class Stop(Exception):
+        pass
+
+    def hook(epoch: int, metrics: dict[str, float]) -> None:
+        raise Stop(epoch)
+
+    with pytest.raises(Stop):
+        engine.train(cfg, data, hook, quiet=True)
+
+
+def test_zero_epochs_evaluates_without_training(
+    compose_cfg: Callable[..., DictConfig],
+) -> None:
+    cfg = compose_cfg(*FAST, "trainer.epochs=0")
+    data = load_dataset(cfg.data)
+    learn = engine.build_learner(cfg, data)
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    result = engine.train(cfg, data, learn=learn, test=True, quiet=True)
+    after = learn.model.state_dict()
+    assert result.history == []
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert set(result.valid) == {"val/loss", "val/acc"}
+    assert set(result.test) == {"test/loss", "test/acc"}
+
+
+def test_same_seed_same_metrics(compose_cfg: Callable[..., DictConfig]) -> None:
+    cfg = compose_cfg(*FAST, "trainer.epochs=1", "trainer.cutout=4")
+    data = load_dataset(cfg.data)
+    first = engine.train(cfg, data, quiet=True).history
+    second = engine.train(cfg, data, quiet=True).history
+    assert first == second
+    other = engine.train(compose_cfg(*FAST, "trainer.epochs=1", "seed=1"), data, quiet=True)
+    assert other.history[0]["train/loss"] != first[0]["train/loss"]
+
+
+def test_balanced_accuracy_is_mean_recall() -> None:
+    metric = engine.BalancedAccuracy(3)
+
+    class Fake:
+        pass
+
+    learn = Fake()
+    # class 0: 3 of 4 right; class 1: 1 of 1; class 2: 0 of 1 -> (0.75 + 1 + 0) / 3
+    learn.pred = torch.eye(3)[torch.tensor([0, 0, 0, 1, 1, 1])]  # type: ignore[attr-defined]
+    learn.y = torch.tensor([0, 0, 0, 0, 1, 2])  # type: ignore[attr-defined]
+    metric.accumulate(learn)  # type: ignore[arg-type]
+    assert metric.value == pytest.approx((0.75 + 1.0 + 0.0) / 3)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("trainer.device", "tpu", "trainer.device"),
+        ("trainer.precision", "fp8", "trainer.precision"),
+        ("trainer.optimizer", "lion", "trainer.optimizer"),
+        ("trainer.epochs", "31", "0-30"),
+        ("model.arch", "resnet101", "model.arch"),
+    ],
+)
+def test_bad_trainer_settings_are_config_errors(
+    compose_cfg: Callable[..., DictConfig], key: str, value: str, needle: str
+) -> None:
+    cfg = compose_cfg(*FAST, "trainer.epochs=1", f"{key}={value}")
+    data = load_dataset(cfg.data)
+    with pytest.raises(ConfigError, match=needle):
+        engine.train(cfg, data, quiet=True)
