@@ -1,0 +1,430 @@
+"""Study report: PNG plots and one HTML page under `<out_dir>/report/`.
+
+`write_report` draws Optuna's plots (history, importances, parallel coordinates, slices,
+intermediate values), copies the LR-finder curves, and, given test predictions, a confusion
+matrix and a grid of misclassified images labelled with the actual characters. A plot that
+cannot be drawn (too few trials, one parameter) becomes a line in the page, never an error:
+the report is written at the end of a sweep whose results must not be lost to a plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import html
+import logging
+import re
+import shutil
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import optuna
+from matplotlib import font_manager, ft2font
+from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from optuna.trial import TrialState
+
+log = logging.getLogger(__name__)
+
+DPI = 110  # dots per inch of every PNG
+MAX_ANNOTATED_CLASSES = 20  # confusion cells carry their count up to this many classes
+MAX_PLOTTED_CLASSES = 60  # larger confusion matrices show the classes with the most errors
+MAX_MATRIX_CSV_CLASSES = 100  # above this confusion.csv lists non-zero cells instead
+GRID_SIDE = 6  # misclassified images: at most GRID_SIDE x GRID_SIDE
+CONFUSION_CSV = "confusion.csv"
+# Japanese-capable font families, best first; the first one whose glyphs cover every label is used.
+CJK_FONT_NAMES = re.compile(
+    r"Sans CJK|CJK|Source Han|IPAex?Gothic|IPA|Takao|Noto Sans JP|Droid Sans Fallback|"
+    r"WenQuanYi|Hiragino|Yu Gothic|Meiryo|MS Gothic",
+    re.IGNORECASE,
+)
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class Section:
+    title: str
+    image: str = ""  # file name inside report/, "" when skipped
+    note: str = ""  # why it was skipped, or what to read from it
+
+
+@dataclass
+class Report:
+    directory: Path
+    sections: list[Section] = field(default_factory=list)
+
+    def add(self, title: str, name: str, draw: Callable[[], Figure]) -> None:
+        """Draw a figure into `name`.png; a failure is recorded as a note in the page."""
+        try:
+            figure = draw()
+        except SkipPlot as reason:
+            self.sections.append(Section(title, note=str(reason)))
+            return
+        except Exception as err:  # a plot must never lose a finished sweep
+            log.warning("report: %s not drawn (%s: %s)", title, type(err).__name__, err)
+            self.sections.append(Section(title, note=f"not drawn: {type(err).__name__}: {err}"))
+            return
+        figure.savefig(self.directory / f"{name}.png", dpi=DPI, bbox_inches="tight")
+        _close(figure)
+        self.sections.append(Section(title, image=f"{name}.png"))
+
+
+class SkipPlot(Exception):
+    """A plot that does not apply to this study (said in the page instead)."""
+
+
+def write_report(
+    study: optuna.Study,
+    out_dir: Path,
+    *,
+    classes: Sequence[str] | None = None,
+    test_labels: np.ndarray | None = None,
+    test_preds: np.ndarray | None = None,
+    test_images: np.ndarray | None = None,
+    lr_curves: Sequence[Path] = (),
+    note: str = "",
+) -> Path:
+    """Write PNGs, confusion.csv and report.html into `out_dir`/report; return the HTML path."""
+    matplotlib.use("Agg")  # files only: never open a window, even where a display exists
+    directory = Path(out_dir) / "report"
+    directory.mkdir(parents=True, exist_ok=True)
+    report = Report(directory)
+    # Optuna switches pyplot to its "ggplot" style; rc_context puts the caller's style back.
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        # Optuna marks its matplotlib plots experimental, and its axes warn when every trial
+        # has the same value: neither is news in a report.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", "Attempting to set identical", UserWarning)
+        add_study_plots(report, study)
+    for i, curve in enumerate(lr_curves):
+        report.sections.append(copy_curve(Path(curve), directory, i))
+
+    scores: dict[str, float] = {}
+    if test_labels is not None and test_preds is not None:
+        try:
+            scores = add_test_plots(report, classes, test_labels, test_preds, test_images)
+        except ValueError as err:  # predictions that do not fit the classes
+            log.warning("report: no confusion matrix (%s)", err)
+            report.sections.append(Section("Confusion matrix (test)", note=f"not drawn: {err}"))
+    page = directory / "report.html"
+    page.write_text(render_html(study, report, scores, note), encoding="utf-8")
+    return page
+
+
+# ---------------------------------------------------------------- Optuna's plots
+
+
+def add_study_plots(report: Report, study: optuna.Study) -> None:
+    from optuna.visualization import matplotlib as ovm
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    params = sorted({name for t in complete for name in t.params})
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    target_name = (study.metric_names or ["Objective Value"])[0]  # e.g. val/acc, when set
+
+    def need_complete() -> None:
+        if not complete:
+            raise SkipPlot("skipped: no complete trial yet")
+
+    def history() -> Figure:
+        need_complete()
+        return _figure(ovm.plot_optimization_history(study, target_name=target_name))
+
+    def importances() -> Figure:
+        if len(complete) < 2 or len(params) < 2:
+            raise SkipPlot(
+                f"skipped: needs at least 2 complete trials and 2 parameters "
+                f"(have {len(complete)} and {len(params)})"
+            )
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # same plot every time
+        return _figure(
+            ovm.plot_param_importances(study, evaluator=evaluator, target_name=target_name)
+        )
+
+    def parallel() -> Figure:
+        need_complete()
+        if not params:
+            raise SkipPlot("skipped: the trials have no parameters")
+        return _figure(ovm.plot_parallel_coordinate(study, target_name=target_name))
+
+    def slices() -> Figure:
+        need_complete()
+        if not params:
+            raise SkipPlot("skipped: the trials have no parameters")
+        return _figure(ovm.plot_slice(study, target_name=target_name))
+
+    def intermediate() -> Figure:
+        if not any(t.intermediate_values for t in finished):
+            raise SkipPlot("skipped: no trial reported per-epoch values")
+        return _figure(ovm.plot_intermediate_values(study))
+
+    report.add("Optimisation history", "optimization_history", history)
+    report.add("Parameter importances (fANOVA)", "param_importances", importances)
+    report.add("Parallel coordinates", "parallel_coordinate", parallel)
+    report.add("Slice plots", "slice", slices)
+    report.add("Intermediate values (per epoch)", "intermediate_values", intermediate)
+
+
+def _figure(axes: Any) -> Figure:
+    """The figure behind Optuna's return value (one Axes or an array of them)."""
+    first = np.asarray(axes, dtype=object).flat[0]
+    figure = first.get_figure()
+    assert isinstance(figure, Figure)
+    return figure
+
+
+def _close(figure: Figure) -> None:
+    # Optuna draws through pyplot, which keeps every figure alive until closed.
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def copy_curve(curve: Path, directory: Path, index: int) -> Section:
+    """Copy (not link: the sweep folder must survive being moved) an LR-finder PNG."""
+    title = f"LR finder: {curve.stem}"
+    name = f"lr_finder_{index}_{re.sub(r'[^A-Za-z0-9_.-]', '_', curve.name)}"
+    try:
+        shutil.copyfile(curve, directory / name)
+    except OSError as err:
+        return Section(title, note=f"not copied: {err.strerror or err} ({curve})")
+    return Section(title, image=name)
+
+
+# ---------------------------------------------------------------- confusion matrix
+
+
+def add_test_plots(
+    report: Report,
+    classes: Sequence[str] | None,
+    test_labels: np.ndarray,
+    test_preds: np.ndarray,
+    test_images: np.ndarray | None,
+) -> dict[str, float]:
+    """confusion.csv, the confusion matrix and the misclassified grid; returns the test
+    accuracy and balanced accuracy (K49's metric) they imply."""
+    labels, preds = np.asarray(test_labels), np.asarray(test_preds)
+    names = list(classes) if classes else [str(c) for c in range(int(labels.max()) + 1)]
+    matrix = confusion_matrix(labels, preds, len(names))
+    write_confusion_csv(report.directory / CONFUSION_CSV, matrix, names)
+    font = find_cjk_font("".join(names) + "→")
+    report.add("Confusion matrix (test)", "confusion", lambda: plot_confusion(matrix, names, font))
+    if test_images is not None:
+        images = np.asarray(test_images)
+        report.add(
+            "Misclassified test images (true→predicted)",
+            "misclassified",
+            lambda: plot_misclassified(images, labels, preds, names, font),
+        )
+    support = matrix.sum(axis=1)
+    seen = support > 0
+    recall = np.diag(matrix)[seen] / support[seen]
+    return {
+        "test accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
+        "test balanced accuracy": float(recall.mean()) if recall.size else 0.0,
+    }
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts[true, predicted] as a (num_classes, num_classes) int64 array."""
+    labels = np.asarray(labels, dtype=np.int64).ravel()
+    preds = np.asarray(preds, dtype=np.int64).ravel()
+    if labels.shape != preds.shape:
+        raise ValueError(f"{labels.size} labels but {preds.size} predictions")
+    for name, values in (("labels", labels), ("predictions", preds)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} outside 0..{num_classes - 1}")
+    flat = np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def write_confusion_csv(path: Path, matrix: np.ndarray, names: Sequence[str]) -> None:
+    """A square table (rows true, columns predicted) up to MAX_MATRIX_CSV_CLASSES classes;
+    beyond that (Kuzushiji-Kanji: 3832) the non-zero cells, one per row."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        if len(names) <= MAX_MATRIX_CSV_CLASSES:
+            out.writerow(["true\\predicted", *names])
+            for name, row in zip(names, matrix, strict=True):
+                out.writerow([name, *row.tolist()])
+        else:
+            out.writerow(["true_index", "true", "predicted_index", "predicted", "count"])
+            for t, p in zip(*(i.tolist() for i in np.nonzero(matrix)), strict=True):
+                out.writerow([t, names[t], p, names[p], matrix[t, p]])
+
+
+def plot_confusion(
+    matrix: np.ndarray, names: Sequence[str], font: FontProperties | None
+) -> Figure:
+    shown = np.arange(len(names))
+    title = "Confusion matrix (test): rows true, columns predicted"
+    if len(names) > MAX_PLOTTED_CLASSES:
+        errors = matrix.sum(axis=1) - np.diag(matrix) + matrix.sum(axis=0) - np.diag(matrix)
+        shown = np.sort(np.argsort(-errors, kind="stable")[:MAX_PLOTTED_CLASSES])
+        title += f"; the {MAX_PLOTTED_CLASSES} classes with the most errors"
+    cells = matrix[np.ix_(shown, shown)]
+    labels = tick_labels([names[i] for i in shown.tolist()], font)
+    side = max(4.0, 0.32 * len(shown) + 1.5)
+    figure = Figure(figsize=(side + 1.2, side))
+    ax = figure.subplots()
+    image = ax.imshow(cells, cmap="Blues")
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="test images")
+    ticks = np.arange(len(shown))
+    size = 11 if len(shown) <= MAX_ANNOTATED_CLASSES else 7
+    ax.set_xticks(ticks, labels, fontproperties=font, fontsize=size, rotation=0 if font else 90)
+    ax.set_yticks(ticks, labels, fontproperties=font, fontsize=size)
+    ax.grid(False)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    if len(shown) <= MAX_ANNOTATED_CLASSES:
+        dark = cells.max() * 0.6  # white text on the darkest cells
+        for (i, j), count in np.ndenumerate(cells):
+            if count:
+                colour = "white" if count > dark else "black"
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=colour)
+    return figure
+
+
+def plot_misclassified(
+    images: np.ndarray,
+    labels: np.ndarray,
+    preds: np.ndarray,
+    names: Sequence[str],
+    font: FontProperties | None,
+) -> Figure:
+    """The first GRID_SIDE² misclassified test images, titled "true→predicted"."""
+    wrong = np.flatnonzero(labels != preds)[: GRID_SIDE * GRID_SIDE]
+    if wrong.size == 0:
+        raise SkipPlot("none: every test image was classified correctly")
+    cols = min(GRID_SIDE, wrong.size)
+    rows = -(-wrong.size // cols)
+    figure = Figure(figsize=(1.5 * cols, 1.7 * rows))
+    axes = np.atleast_1d(figure.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, index in zip(axes, wrong, strict=False):
+        true, pred = tick_labels([names[int(labels[index])], names[int(preds[index])]], font)
+        ax.imshow(images[index], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{true}→{pred}", fontproperties=font, fontsize=12 if font else 7)
+    return figure
+
+
+# ---------------------------------------------------------------- Japanese labels
+
+
+def tick_labels(names: Sequence[str], font: FontProperties | None) -> list[str]:
+    """The characters themselves with a CJK font; code points ("U+304A") without one, since
+    the default font would draw empty boxes."""
+    if font is not None:
+        return list(names)
+    return [" ".join(f"U+{ord(c):04X}" if ord(c) > 0x7F else c for c in name) for name in names]
+
+
+def find_cjk_font(text: str) -> FontProperties | None:
+    """A font with a glyph for every character of `text`, or None (ASCII needs none)."""
+    needed = frozenset(ord(c) for c in text if ord(c) > 0x7F)
+    if not needed:
+        return FontProperties()
+    path = _font_covering(needed)
+    return FontProperties(fname=path) if path else None
+
+
+@functools.cache
+def _font_covering(needed: frozenset[int]) -> str | None:
+    # matplotlib's font cache is built once and misses fonts installed later, so ask the
+    # system's font list too; Sans before Serif, reading a charmap only for likely names.
+    known = [(f.name, f.fname) for f in font_manager.fontManager.ttflist]
+    system = [(Path(p).stem, p) for p in font_manager.findSystemFonts()]
+    candidates = [(name, path) for name, path in known + system if CJK_FONT_NAMES.search(name)]
+    candidates.sort(
+        key=lambda item: ("Serif" in item[0] or "Mincho" in item[0], "Bold" in item[1])
+    )
+    for _, path in dict.fromkeys(candidates):
+        try:
+            charmap = ft2font.FT2Font(path).get_charmap()
+        except (OSError, RuntimeError, ValueError):
+            continue
+        if needed.issubset(charmap):
+            return path
+    log.info(
+        "report: no installed font has all %d class characters; using code points", len(needed)
+    )
+    return None
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def render_html(study: optuna.Study, report: Report, scores: dict[str, float], note: str) -> str:
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name.lower(): 0 for state in TrialState}
+    for t in trials:
+        counts[t.state.name.lower()] += 1
+    by_state = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+    rows = [
+        ("study", study.study_name),
+        ("trials", f"{len(trials)} ({by_state})" if trials else "0"),
+    ]
+    try:
+        best = study.best_trial
+    except (ValueError, RuntimeError):  # no complete trial yet, or several objectives
+        rows.append(("best trial", "none"))
+    else:
+        direction = study.direction.name.lower()
+        rows.append(("best trial", f"#{best.number}: {best.value:.6g} ({direction})"))
+        rows.extend((f"best {name}", _format(value)) for name, value in best.params.items())
+    # The note ("not the official protocol") goes next to every accuracy.
+    rows.extend(
+        (name, f"{value:.4f}" + (f" ({note})" if note else "")) for name, value in scores.items()
+    )
+    table = "\n".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
+    )
+    figures = []
+    for s in report.sections:
+        body = (
+            f'<img src="{html.escape(s.image)}" alt="{html.escape(s.title)}">'
+            if s.image
+            else f'<p class="note">{html.escape(s.note)}</p>'
+        )
+        figures.append(f"<figure><figcaption>{html.escape(s.title)}</figcaption>{body}</figure>")
+    csv_link = f'<p><a href="{CONFUSION_CSV}">{CONFUSION_CSV}</a></p>' if scores else ""
+    protocol = f'<p class="note">{html.escape(note)}</p>' if note else ""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(study.study_name)}: kmnist_sweep report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
+table {{ border-collapse: collapse; }}
+th, td {{ text-align: left; padding: 0.2em 1em 0.2em 0; }}
+figure {{ margin: 2em 0; }}
+figcaption {{ font-weight: bold; margin-bottom: 0.5em; }}
+img {{ max-width: 100%; }}
+.note {{ color: #a33; }}
+</style>
+</head>
+<body>
+<h1>Study {html.escape(study.study_name)}</h1>
+{protocol}
+<table>
+{table}
+</table>
+{csv_link}
+{"".join(figures)}
+</body>
+</html>
+"""
+
+
+def _format(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
