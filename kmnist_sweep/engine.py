@@ -48,7 +48,9 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ConfigError(f"trainer.device={name!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
+        raise ConfigError(
+            f"trainer.device={name!r} is not a device (auto, cpu, cuda, cuda:N)"
+        ) from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name!r} but no CUDA device is visible")
     return device
@@ -214,7 +216,11 @@ class BalancedAccuracy(Metric):
     @property
     def value(self) -> float:
         seen = self.total > 0
-        return float((self.hits[seen].float() / self.total[seen].float()).mean()) if seen.any() else 0.0
+        return (
+            float((self.hits[seen].float() / self.total[seen].float()).mean())
+            if seen.any()
+            else 0.0
+        )
 
     @property
     def name(self) -> str:
@@ -281,7 +287,9 @@ def build_learner(
         opt_func=_opt_func(tcfg, device),
         metrics=metrics,
         wd=float(tcfg.weight_decay),
-        moms=(0.95, 0.85, 0.95) if tcfg.optimizer == "sgd" else (float(tcfg.momentum), 0.85, float(tcfg.momentum)),
+        moms=(0.95, 0.85, 0.95)
+        if tcfg.optimizer == "sgd"
+        else (float(tcfg.momentum), 0.85, float(tcfg.momentum)),
     )
     if use_bf16(str(tcfg.precision), device):
         learn.add_cb(MixedPrecision(amp_mode="bf16"))
@@ -324,6 +332,7 @@ def train(
     test: bool = False,
     learn: Learner | None = None,
     quiet: bool = False,
+    cbs: list[Callback] | None = None,
 ) -> TrainResult:
     """One-cycle training for `cfg.trainer.epochs` epochs (0 evaluates the untrained net)."""
     epochs = int(cfg.trainer.epochs)
@@ -348,7 +357,7 @@ def train(
                 epochs,
                 lr_max=float(cfg.trainer.lr),
                 pct_start=float(cfg.trainer.pct_start),
-                cbs=[EpochReport(record, echo=not bars and not quiet)],
+                cbs=[EpochReport(record, echo=not bars and not quiet), *(cbs or [])],
             )
         last = result.history[-1]
         result.valid = {k: v for k, v in last.items() if k.startswith("val/")}

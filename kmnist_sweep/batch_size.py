@@ -1,0 +1,204 @@
+"""Batch sizes are powers of two; a run that runs out of memory or diverges halves its batch.
+
+The article picks the batch by starting large and halving while the run does not fit or
+the loss is not clearly falling. Sweep tools mark such a trial failed, so the sampler
+learns nothing; here the trial goes on at the halved batch and records why.
+
+On a halving the *run* restarts (fresh weights, optimiser and one-cycle schedule) rather
+than the epoch: the one-cycle schedule and AdamW's state are laid out for the old number
+of steps, so resuming mid-way would train a schedule that no config describes, and
+`best.yaml` could not reproduce the trial.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from fastai.callback.core import Callback
+from omegaconf import DictConfig
+
+from kmnist_sweep.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check_batch_size(value: Any, cfg: DictConfig, key: str = "trainer.batch_size") -> int:
+    """A power of two within [batch_size.min, batch_size.max], else a config error."""
+    if isinstance(value, bool) or not isinstance(value, int) or not is_pow2(value):
+        raise ConfigError(f"{key}={value!r} is not a power of two")
+    lo, hi = int(cfg.min), int(cfg.max)
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}={value} is outside batch_size.min={lo} .. batch_size.max={hi}")
+    return value
+
+
+class Diverged(RuntimeError):
+    """The training loss is not finite, or not falling during warm-up."""
+
+
+class BatchSizeExhausted(RuntimeError):
+    """Halving reached below batch_size.min; the message says what kept failing."""
+
+
+@dataclass
+class Halving:
+    from_bs: int  # images per step before
+    to_bs: int  # images per step after
+    cause: str  # "oom" or "diverged"
+    detail: str  # where and why, one line
+
+
+@dataclass
+class Fallback:
+    requested: int  # images per step asked for
+    effective: int = 0  # images per step the run completed at
+    halvings: list[Halving] = field(default_factory=list)
+
+    def as_attrs(self) -> dict[str, Any]:
+        return {
+            "batch_size/requested": self.requested,
+            "batch_size/effective": self.effective,
+            "batch_size/halvings": [vars(h) for h in self.halvings],
+        }
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # Some back-ends (MPS, older CUDA paths) raise a plain RuntimeError.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    """Drop what the failed attempt held so the halved batch starts from an empty cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fit_with_fallback(
+    run: Callable[[int], T],
+    requested: int,
+    minimum: int,
+    on_halve: Callable[[Halving], None] | None = None,
+) -> tuple[T, Fallback]:
+    """Call `run(batch)` from `requested` down by halves until one attempt completes."""
+    record = Fallback(requested)
+    bs = requested
+    while True:
+        try:
+            result = run(bs)
+        except Exception as exc:
+            if is_oom(exc):
+                cause = "oom"
+            elif isinstance(exc, Diverged):
+                cause = "diverged"
+            else:
+                raise
+            # fastai prefixes a callback's error with "Exception occured in ...:\n\t"; the
+            # last line is the original message.
+            detail = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else ""
+            detail = detail or type(exc).__name__
+            del exc  # the traceback pins the failed attempt's tensors
+            free_memory()
+            if bs // 2 < minimum:
+                record.effective = 0
+                raise BatchSizeExhausted(
+                    f"{cause} at batch {bs} ({detail}); halving would go below "
+                    f"batch_size.min={minimum}"
+                ) from None
+            halving = Halving(bs, bs // 2, cause, detail)
+            record.halvings.append(halving)
+            if on_halve is not None:
+                on_halve(halving)
+            bs //= 2
+            continue
+        record.effective = bs
+        return result, record
+
+
+# ---------------------------------------------------------------- callbacks on the learner
+
+
+class DivergenceGuard(Callback):
+    """Stops a run whose loss is NaN/inf, or not on a downward trend during warm-up."""
+
+    order = 60  # after the Recorder has smoothed this batch's loss
+
+    def __init__(self, window: int, factor: float) -> None:
+        self.window = window  # steps of warm-up over which the loss must fall
+        self.factor = factor  # smoothed loss above factor x its first value = diverged
+        self.first: float | None = None
+
+    def before_fit(self) -> None:
+        self.first = None
+        self.step = 0
+
+    def after_batch(self) -> None:
+        if not self.training:
+            return
+        self.step += 1
+        loss = float(self.learn.loss.detach())
+        where = f"epoch {self.learn.epoch + 1} step {self.learn.iter + 1}"
+        if not math.isfinite(loss):
+            raise Diverged(f"loss is {loss} at {where}")
+        smooth = float(self.learn.recorder.smooth_loss.value)
+        if self.first is None:
+            self.first = smooth
+        elif smooth > self.factor * self.first:
+            raise Diverged(f"smoothed loss {smooth:.3g} > {self.factor}x its start at {where}")
+        if self.step == self.window and smooth >= self.first:
+            raise Diverged(f"smoothed loss did not fall over the first {self.window} steps")
+
+
+class InjectOOM(Callback):
+    """Fault injection: a real `torch.OutOfMemoryError` at (epoch, step) above a batch size,
+    so the fallback is exercised on machines without a GPU."""
+
+    order = 0
+
+    def __init__(self, above: int, epoch: int, step: int) -> None:
+        self.above = above  # images: batches larger than this "do not fit"
+        self.epoch = epoch  # 1-based epoch of the failure
+        self.at_step = step  # 1-based step within that epoch
+
+    def before_batch(self) -> None:
+        if (
+            self.training
+            and self.learn.dls.train.bs > self.above
+            and self.learn.epoch + 1 == self.epoch
+            and self.learn.iter + 1 == self.at_step
+        ):
+            raise torch.OutOfMemoryError(
+                f"injected out of memory at epoch {self.epoch} step {self.at_step} "
+                f"(batch {self.learn.dls.train.bs} > {self.above})"
+            )
+
+
+def guards(cfg: DictConfig) -> list[Callback]:
+    """The callbacks cfg.batch_size asks for on every training run."""
+    cbs: list[Callback] = [DivergenceGuard(int(cfg.diverge_window), float(cfg.diverge_factor))]
+    inject = cfg.get("inject_oom")
+    if inject:
+        cbs.append(InjectOOM(int(inject.above), int(inject.epoch), int(inject.step)))
+    return cbs
+
+
+def constraint(user_attrs: dict[str, Any]) -> list[float]:
+    """Optuna constraint (<= 0 feasible): how many halvings the requested batch needed."""
+    requested = user_attrs.get("batch_size/requested")
+    effective = user_attrs.get("batch_size/effective")
+    if not requested:
+        return [0.0]
+    if not effective:  # nothing fitted at all: worse than any number of halvings that did
+        return [math.log2(requested) + 1]
+    return [math.log2(requested / effective)]

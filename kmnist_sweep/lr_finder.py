@@ -1,0 +1,205 @@
+"""Leslie Smith's LR range test on our engine, and the rules that turn its curve into an LR.
+
+The range test raises the LR exponentially from `start_lr` to `end_lr` over `num_it`
+steps, records the bias-corrected EWMA of the loss, stops once the loss explodes and
+restores the weights (fastai's `Learner.lr_find`). Each suggestion rule is a pure
+function of the recorded (lrs, losses), so it is tested on synthetic curves.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig
+
+from kmnist_sweep.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fastai.learner import Learner
+
+    from kmnist_sweep.data import Dataset
+
+Rule = Callable[[Sequence[float], Sequence[float]], float]
+
+
+# ---------------------------------------------------------------- pure rules
+
+
+def ewma(losses: Sequence[float], beta: float = 0.98) -> list[float]:
+    """Bias-corrected exponentially weighted average, as fastai's Recorder smooths the loss."""
+    avg, out = 0.0, []
+    for i, loss in enumerate(losses, start=1):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def finite_prefix(
+    lrs: Sequence[float], losses: Sequence[float]
+) -> tuple[list[float], list[float]]:
+    """The curve up to its first NaN or infinite loss: nothing after a blow-up is informative."""
+    cut = next((i for i, v in enumerate(losses) if not math.isfinite(v)), len(losses))
+    return list(lrs[:cut]), list(losses[:cut])
+
+
+def trim(lrs: Sequence[float], losses: Sequence[float]) -> tuple[list[float], list[float]]:
+    """fastai's window: drop the first tenth (EWMA warm-up) and the last five (the explosion)."""
+    n = len(losses)
+    lrs, losses = list(lrs[n // 10 : n - 5]), list(losses[n // 10 : n - 5])
+    return finite_prefix(lrs, losses)
+
+
+def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """An order of magnitude below the LR of the smoothed minimum."""
+    lrs, losses = finite_prefix(lrs, losses)
+    if not losses:
+        raise ValueError("the LR finder recorded no finite loss")
+    best = min(range(len(losses)), key=losses.__getitem__)
+    return lrs[best] / 10
+
+
+def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """fastai's valley: the longest run of falling loss, taken about half-way down it."""
+    lrs, losses = finite_prefix(lrs, losses)
+    n = len(losses)
+    if n == 0:
+        raise ValueError("the LR finder recorded no finite loss")
+    # run[i]: length of the longest strictly decreasing subsequence ending at i.
+    run = [1] * n
+    start, end = 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and run[i] < run[j] + 1:
+                run[i] = run[j] + 1
+        if run[end] < run[i]:
+            end = i
+            start = end - run[end]
+    third = (end - start) / 3
+    return lrs[start + int(third) + int(third / 2)]
+
+
+RULES: dict[str, Rule] = {"minimum": suggest_minimum, "valley": suggest_valley}
+
+
+def suggest(lrs: Sequence[float], losses: Sequence[float], rule: str) -> float:
+    if rule not in RULES:
+        raise ConfigError(f"lr_finder.suggestion={rule!r} is not one of {', '.join(RULES)}")
+    return RULES[rule](*trim(lrs, losses))
+
+
+def scale_lr(lr: float, from_bs: int, to_bs: int, rule: str) -> float:
+    """Carry an LR found at one batch size to another: linear (Goyal et al.) or square root."""
+    if rule == "linear":
+        return lr * to_bs / from_bs
+    if rule == "sqrt":
+        return lr * math.sqrt(to_bs / from_bs)
+    raise ConfigError(f"lr_finder.scale={rule!r} is not linear or sqrt")
+
+
+# ---------------------------------------------------------------- running the range test
+
+
+@dataclass(frozen=True)
+class Curve:
+    lrs: list[float]  # learning rate per step
+    losses: list[float]  # EWMA-smoothed training loss per step
+    batch_size: int  # images per step the test ran at
+    suggestions: dict[str, float]  # rule name -> suggested LR
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> Curve:
+        return Curve(**json.loads(text))
+
+
+def curve_key(cfg: DictConfig, batch_size: int) -> str:
+    """What the curve depends on: data, model, stem, batch size, precision and the test's range."""
+    parts = [
+        cfg.data.name,
+        cfg.model.arch,
+        cfg.model.stem,
+        f"bs{batch_size}",
+        str(cfg.trainer.precision),
+        f"{float(cfg.lr_finder.start_lr):g}-{float(cfg.lr_finder.end_lr):g}x{cfg.lr_finder.num_it}",
+    ]
+    digest = hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
+    return f"{cfg.data.name}-{cfg.model.arch}-{cfg.model.stem}-bs{batch_size}-{digest}"
+
+
+def range_test(learn: Learner, fcfg: DictConfig) -> tuple[list[float], list[float]]:
+    """Run fastai's range test on `learn`; its weights are restored afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        saved_path = learn.path
+        learn.path = Path(tmp)  # fastai saves the weights here to restore them afterwards
+        try:
+            with learn.no_bar(), learn.no_logging():
+                learn.lr_find(
+                    start_lr=float(fcfg.start_lr),
+                    end_lr=float(fcfg.end_lr),
+                    num_it=int(fcfg.num_it),
+                    show_plot=False,
+                    suggest_funcs=None,
+                )
+        finally:
+            learn.path = saved_path
+    return [float(v) for v in learn.recorder.lrs], [float(v) for v in learn.recorder.losses]
+
+
+def run_range_test(cfg: DictConfig, dataset: Dataset, batch_size: int) -> Curve:
+    """The range test on a fresh learner for `cfg` at `batch_size`, with every suggestion."""
+    from kmnist_sweep import engine
+
+    learn = engine.build_learner(cfg, dataset, batch_size=batch_size)
+    lrs, losses = range_test(learn, cfg.lr_finder)
+    suggestions = {name: suggest(lrs, losses, name) for name in RULES}
+    return Curve(lrs, losses, batch_size, suggestions)
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_csv(curve: Curve, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["lr", "smoothed_loss"])
+        out.writerows(zip(curve.lrs, curve.losses, strict=True))
+    return path
+
+
+def plot_curve(curve: Curve, path: Path, chosen: str | None = None) -> Path:
+    """Smoothed loss against LR (log axis) with every suggestion marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lrs, losses = finite_prefix(curve.lrs, curve.losses)
+    ax.plot(lrs, losses, color="0.2")
+    for (name, lr), colour in zip(
+        curve.suggestions.items(), ("tab:red", "tab:green"), strict=False
+    ):
+        idx = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i]) - math.log(lr)))
+        style = "o" if name == chosen else "x"
+        ax.plot(lr, losses[idx], style, color=colour, label=f"{name}: {lr:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed training loss")
+    ax.set_title(f"LR range test, batch {curve.batch_size}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,127 @@
+"""Batch-size rules and the OOM / divergence fallback, with real errors on CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kmnist_sweep import batch_size, engine
+from kmnist_sweep.data import load_dataset
+from kmnist_sweep.errors import ConfigError
+
+LIMITS = OmegaConf.create({"min": 16, "max": 4096})
+
+
+@pytest.mark.parametrize("value", [16, 32, 128, 4096])
+def test_powers_of_two_in_range_pass(value: int) -> None:
+    assert batch_size.check_batch_size(value, LIMITS) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        (96, "not a power of two"),
+        (0, "not a power of two"),
+        (8, "outside"),
+        (8192, "outside"),
+        ("128", "not a power of two"),
+        (True, "not a power of two"),
+    ],
+)
+def test_bad_batch_sizes_are_config_errors(value: object, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        batch_size.check_batch_size(value, LIMITS)
+
+
+def test_fallback_halves_on_oom_and_records_why() -> None:
+    calls: list[int] = []
+
+    def run(bs: int) -> str:
+        calls.append(bs)
+        if bs > 128:
+            raise torch.OutOfMemoryError(f"no room for {bs}")
+        return f"done at {bs}"
+
+    result, record = batch_size.fit_with_fallback(run, 512, 16)
+    assert result == "done at 128" and calls == [512, 256, 128]
+    assert record.effective == 128 and record.requested == 512
+    assert [(h.from_bs, h.to_bs, h.cause) for h in record.halvings] == [
+        (512, 256, "oom"),
+        (256, 128, "oom"),
+    ]
+    assert batch_size.constraint(record.as_attrs()) == [2.0]
+
+
+def test_fallback_gives_up_below_the_minimum() -> None:
+    def run(bs: int) -> None:
+        raise batch_size.Diverged("loss is nan at epoch 1 step 2")
+
+    with pytest.raises(batch_size.BatchSizeExhausted, match="diverged at batch 32.*min=32"):
+        batch_size.fit_with_fallback(run, 64, 32)
+
+
+def test_other_errors_are_not_swallowed() -> None:
+    def run(bs: int) -> None:
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):
+        batch_size.fit_with_fallback(run, 64, 16)
+
+
+def test_constraint_values() -> None:
+    assert batch_size.constraint({}) == [0.0]
+    attrs = {"batch_size/requested": 256, "batch_size/effective": 256}
+    assert batch_size.constraint(attrs) == [0.0]
+    attrs = {"batch_size/requested": 256, "batch_size/effective": 0}
+    assert batch_size.constraint(attrs)[0] > 8
+
+
+def test_injected_oom_in_real_training_halves_twice(
+    compose_cfg: Callable[..., DictConfig],
+) -> None:
+    # 4096 images: 8 steps per epoch even at batch 512, so step 3 of epoch 2 exists.
+    cfg = compose_cfg(
+        "data=synthetic",
+        "data.n_train=4096",
+        "data.image_size=16",
+        "trainer.epochs=2",
+        "+batch_size.inject_oom={above: 128, epoch: 2, step: 3}",
+    )
+    data = load_dataset(cfg.data)
+    attempts: list[int] = []
+
+    def run(bs: int) -> engine.TrainResult:
+        attempts.append(bs)
+        learn = engine.build_learner(cfg, data, batch_size=bs)
+        return engine.train(
+            cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg.batch_size)
+        )
+
+    result, record = batch_size.fit_with_fallback(run, 512, 16)
+    assert attempts == [512, 256, 128]
+    assert record.effective == 128 and len(record.halvings) == 2
+    assert all("epoch 2 step 3" in h.detail for h in record.halvings), record.halvings
+    assert len(result.history) == 2
+
+
+def test_huge_lr_diverges(compose_cfg: Callable[..., DictConfig]) -> None:
+    cfg = compose_cfg(
+        "data=synthetic", "trainer.epochs=2", "trainer.lr=1000", "batch_size.diverge_window=5"
+    )
+    data = load_dataset(cfg.data)
+    learn = engine.build_learner(cfg, data, batch_size=32)
+    with pytest.raises(batch_size.Diverged):
+        engine.train(cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg.batch_size))
+
+
+def test_guard_leaves_healthy_training_alone(compose_cfg: Callable[..., DictConfig]) -> None:
+    cfg = compose_cfg("data=synthetic", "trainer.epochs=1", "batch_size.diverge_window=5")
+    data = load_dataset(cfg.data)
+    learn = engine.build_learner(cfg, data, batch_size=32)
+    result = engine.train(
+        cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg.batch_size)
+    )
+    assert len(result.history) == 1
