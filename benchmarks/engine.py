@@ -76,7 +76,9 @@ def tool_epoch(learn: engine.Learner, lr: float) -> float:
 
 
 def part1(repeats: int) -> None:
-    cfg = compose_cfg("data=synthetic", "data.n_train=6400", "data.n_test=64", "trainer.batch_size=128")
+    cfg = compose_cfg(
+        "data=synthetic", "data.n_train=6400", "data.n_test=64", "trainer.batch_size=128"
+    )
     data = load_dataset(cfg.data)
     tiny_valid = Split(data.valid.images[:128], data.valid.labels[:128])
     data = Dataset(data.name, data.classes, data.train, tiny_valid, data.test, data.metric, "")
@@ -89,7 +91,7 @@ def part1(repeats: int) -> None:
         tool.append(n / tool_epoch(learn, 1e-3))
     b, t = statistics.median(bare), statistics.median(tool)
     print("\n### 1. Training step throughput (resnet18, imagenet stem, batch 128, fp32)\n")
-    print("| loop | images/s (median of %d epochs of %d images) |" % (repeats, n))
+    print(f"| loop | images/s (median of {repeats} epochs of {n} images) |")
     print("|---|---|")
     print(f"| bare PyTorch | {b:.0f} |")
     print(f"| kmnist_sweep (fastai Learner, device loader) | {t:.0f} |")
@@ -170,7 +172,8 @@ def part2(epochs: int, overrides: list[str]) -> None:
     print("| recipe | epochs | final held-out acc | wall s | s to reach seed's final acc |")
     print("|---|---|---|---|---|")
     print(
-        f"| seed: DataBlock + vision_learner(resnet34), bs 128, lr_find minimum/10 = {seed_lr:.2e} "
+        "| seed: DataBlock + vision_learner(resnet34), bs 128, "
+        f"lr_find minimum/10 = {seed_lr:.2e} "
         f"| {epochs} | {target:.4f} | {seed_curve[-1][0]:.1f} | {seed_curve[-1][0]:.1f} |"
     )
     shown = " ".join(overrides) or "defaults"

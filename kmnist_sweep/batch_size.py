@@ -48,6 +48,10 @@ class Diverged(RuntimeError):
 class BatchSizeExhausted(RuntimeError):
     """Halving reached below batch_size.min; the message says what kept failing."""
 
+    def __init__(self, message: str, record: Fallback) -> None:  # noqa: F821
+        super().__init__(message)
+        self.record = record  # every halving up to the last, effective batch 0
+
 
 @dataclass
 class Halving:
@@ -114,7 +118,8 @@ def fit_with_fallback(
                 record.effective = 0
                 raise BatchSizeExhausted(
                     f"{cause} at batch {bs} ({detail}); halving would go below "
-                    f"batch_size.min={minimum}"
+                    f"batch_size.min={minimum}",
+                    record,
                 ) from None
             halving = Halving(bs, bs // 2, cause, detail)
             record.halvings.append(halving)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import optuna
 from omegaconf import DictConfig
 
 from kmnist_sweep.errors import ConfigError
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     from fastai.learner import Learner
 
     from kmnist_sweep.data import Dataset
+
+log = logging.getLogger(__name__)
 
 Rule = Callable[[Sequence[float], Sequence[float]], float]
 
@@ -203,3 +207,47 @@ def plot_curve(curve: Curve, path: Path, chosen: str | None = None) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- the study's cache
+
+CACHE_PREFIX = "lr_finder:"  # study user attribute holding a curve, + curve_key(...)
+
+
+def cached_curve(study: optuna.Study, cfg: DictConfig, dataset: Dataset, batch_size: int) -> Curve:
+    """The curve for (data, model, stem, batch, precision), run once per study.
+
+    It lives in the study's own storage, so workers on other machines sharing a PostgreSQL
+    study find it too; its CSV and plot go to `<study.output_dir>/lr_finder/`.
+    """
+    key = curve_key(cfg, batch_size)
+    stored = study.user_attrs.get(CACHE_PREFIX + key)
+    if stored is not None:
+        return Curve.from_json(stored)
+    log.info("LR finder: range test at batch %d (%s)", batch_size, key)
+    curve = run_range_test(cfg, dataset, batch_size)
+    study.set_user_attr(CACHE_PREFIX + key, curve.to_json())
+    out = Path(str(cfg.study.output_dir)) / "lr_finder"
+    save_csv(curve, out / f"{key}.csv")
+    plot_curve(curve, out / f"{key}.png", chosen=str(cfg.lr_finder.suggestion))
+    log.info(
+        "LR finder: %s -> plot %s",
+        ", ".join(f"{k} {v:.3g}" for k, v in curve.suggestions.items()),
+        out / f"{key}.png",
+    )
+    return curve
+
+
+def seeded_lr(
+    study: optuna.Study, cfg: DictConfig, dataset: Dataset, batch_size: int
+) -> tuple[float, str]:
+    """The finder's LR for this batch size and a one-line account of where it came from."""
+    fcfg = cfg.lr_finder
+    rule = str(fcfg.suggestion)
+    if fcfg.scale == "rerun":
+        curve = cached_curve(study, cfg, dataset, batch_size)
+        return curve.suggestions[rule], f"{rule} at batch {batch_size}"
+    ref = int(fcfg.batch_size)
+    curve = cached_curve(study, cfg, dataset, ref)
+    lr = scale_lr(curve.suggestions[rule], ref, batch_size, str(fcfg.scale))
+    return lr, f"{rule} at batch {ref}, scaled {fcfg.scale} to batch {batch_size}"

@@ -1,0 +1,156 @@
+"""The objective on real (tiny) training: fallback, seeded LR, pruning, constraints."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+from omegaconf import DictConfig
+
+from kmnist_sweep import batch_size, lr_finder
+from kmnist_sweep.objective import make_objective, suggest_params
+from kmnist_sweep.search_space import parse_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _cfg(compose_cfg: Callable[..., DictConfig], tmp_path: Path, *extra: str) -> DictConfig:
+    return compose_cfg(
+        "data=synthetic",
+        "tracking=disabled",
+        f"study.output_dir={tmp_path}",
+        "trainer.epochs=2",
+        *extra,
+    )
+
+
+def test_injected_oom_trial_completes_at_128_with_two_halvings(
+    compose_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = _cfg(
+        compose_cfg,
+        tmp_path,
+        "data.n_train=4096",
+        "data.image_size=16",
+        "+search_space={trainer.batch_size: {type: pow2, low: 512, high: 512}}",
+        "+batch_size.inject_oom={above: 128, epoch: 2, step: 3}",
+    )
+    study = optuna.create_study(direction="maximize")
+    study.optimize(make_objective(cfg), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    attrs = trial.user_attrs
+    assert attrs["batch_size/requested"] == 512
+    assert attrs["batch_size/effective"] == 128
+    halvings = attrs["batch_size/halvings"]
+    assert [(h["from_bs"], h["to_bs"], h["cause"]) for h in halvings] == [
+        (512, 256, "oom"),
+        (256, 128, "oom"),
+    ]
+    assert "trainer.batch_size=128" in attrs["overrides"]
+    assert batch_size.constraint(attrs) == [2.0]
+    assert (tmp_path / "trials" / "0" / "test_preds.npz").exists()
+
+
+def test_huge_lr_halves_then_ends_with_a_reason(
+    compose_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = _cfg(
+        compose_cfg,
+        tmp_path,
+        "trainer.lr=1000",
+        "batch_size.min=32",
+        "batch_size.diverge_window=5",
+        "+search_space={trainer.batch_size: {type: pow2, low: 64, high: 64}}",
+    )
+    study = optuna.create_study(direction="maximize")
+    study.optimize(make_objective(cfg), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    attrs = trial.user_attrs
+    assert [(h["from_bs"], h["to_bs"], h["cause"]) for h in attrs["batch_size/halvings"]] == [
+        (64, 32, "diverged")
+    ]
+    assert attrs["batch_size/effective"] == 0
+    assert "diverged at batch 32" in attrs["reason"] and "batch_size.min=32" in attrs["reason"]
+    assert batch_size.constraint(attrs)[0] > 0
+
+
+def test_seeded_lr_runs_the_finder_once_and_searches_around_it(
+    compose_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = _cfg(
+        compose_cfg,
+        tmp_path,
+        "trainer.epochs=1",
+        "lr_finder.num_it=20",
+        "+search_space={trainer.lr: {type: lr_finder, low_factor: 0.1, high_factor: 10}}",
+    )
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"trainer.lr.factor": 1.0})
+    study.optimize(make_objective(cfg), n_trials=3)
+    cached = [k for k in study.user_attrs if k.startswith(lr_finder.CACHE_PREFIX)]
+    assert len(cached) == 1, "one range test for one batch size"
+    curve = lr_finder.Curve.from_json(study.user_attrs[cached[0]])
+    base = curve.suggestions["valley"]
+    first = study.trials[0]
+    assert first.params["trainer.lr.factor"] == 1.0
+    assert first.user_attrs["lr/value"] == pytest.approx(base)
+    for t in study.trials:
+        assert 0.1 * base <= t.user_attrs["lr/value"] <= 10 * base
+        assert f"trainer.lr={t.user_attrs['lr/value']!r}" in t.user_attrs["overrides"] or any(
+            o.startswith("trainer.lr=") for o in t.user_attrs["overrides"]
+        )
+    assert list((tmp_path / "lr_finder").glob("*.png")), "the finder's plot is written"
+
+
+def test_pow2_is_suggested_as_an_exponent(compose_cfg: Callable[..., DictConfig]) -> None:
+    cfg = compose_cfg("+sweep=batchsize", "data=synthetic")
+    params = parse_space(cfg.search_space, cfg)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    sizes = set()
+    for _ in range(30):
+        trial = study.ask()
+        values = suggest_params(trial, params)
+        sizes.add(values["trainer.batch_size"])
+        assert "trainer.batch_size.log2" in trial.params
+        study.tell(trial, 0.0)
+    assert all(s & (s - 1) == 0 for s in sizes) and len(sizes) > 3
+
+
+def _fake_fit(trial: optuna.Trial) -> float:
+    """A trial whose requested batch above 128 'does not fit', run through the real fallback."""
+    exponent = trial.suggest_int("trainer.batch_size.log2", 5, 11)
+
+    def run(bs: int) -> float:
+        if bs > 128:
+            raise batch_size.Diverged("too big")  # same path as an OOM
+        return math.log2(bs) / 10
+
+    value, record = batch_size.fit_with_fallback(run, 2**exponent, 16)
+    for key, attr in record.as_attrs().items():
+        trial.set_user_attr(key, attr)
+    return value
+
+
+def _big_requests(constrained: bool, seed: int) -> int:
+    sampler = optuna.samplers.TPESampler(
+        seed=seed,
+        n_startup_trials=10,
+        constraints_func=(lambda t: batch_size.constraint(t.user_attrs)) if constrained else None,
+    )
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.optimize(_fake_fit, n_trials=60)
+    return sum(t.params["trainer.batch_size.log2"] > 7 for t in study.trials[10:])
+
+
+def test_constraints_make_infeasible_batch_sizes_rarer() -> None:
+    # Measured over three seeds: proposals above 128 in trials 10-59, with and without
+    # (here: 49 vs 94 of 150; random proposals would put 4/7 of them above 128).
+    with_c = sum(_big_requests(True, s) for s in range(3))
+    without = sum(_big_requests(False, s) for s in range(3))
+    print(f"requests above 128 after start-up: constrained {with_c}/150, plain {without}/150")
+    assert with_c < 0.75 * without
