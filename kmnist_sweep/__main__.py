@@ -19,6 +19,7 @@ def train_once(cfg: DictConfig) -> float:
     from kmnist_sweep import engine
     from kmnist_sweep.data import load_dataset
 
+    engine.check_config(cfg)
     dataset = load_dataset(cfg.data)
     if dataset.note:
         print(f"note: {dataset.note}", flush=True)
@@ -38,7 +39,27 @@ def train_once(cfg: DictConfig) -> float:
     return result.valid[f"val/{key}"]
 
 
+def report_only(cfg: DictConfig) -> None:
+    """`python -m kmnist_sweep report +sweep=NAME ...`: rewrite an existing study's report."""
+    import optuna
+
+    from kmnist_sweep.report import report_sweep
+    from kmnist_sweep.runner import mask_url, open_storage
+
+    storage = open_storage(str(cfg.study.storage))
+    try:
+        study = optuna.load_study(study_name=str(cfg.study.name), storage=storage)
+    except KeyError:
+        raise UserError(
+            f"no study {cfg.study.name!r} in {mask_url(str(cfg.study.storage))}"
+        ) from None
+    print(f"report: {report_sweep(study, cfg)}", flush=True)
+
+
 def run(cfg: DictConfig) -> float | None:
+    if MODE == "report":
+        report_only(cfg)
+        return None
     if cfg.search_space:
         from kmnist_sweep.runner import run_sweep
 
@@ -57,7 +78,14 @@ def _entry(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
+MODE = "run"  # "report" when the first argument is the word report
+
+
 def main() -> None:
+    global MODE
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        MODE = "report"
+        del sys.argv[1]
     _entry()
 
 

@@ -251,3 +251,22 @@ def seeded_lr(
     curve = cached_curve(study, cfg, dataset, ref)
     lr = scale_lr(curve.suggestions[rule], ref, batch_size, str(fcfg.scale))
     return lr, f"{rule} at batch {ref}, scaled {fcfg.scale} to batch {batch_size}"
+
+
+def prepare(study: optuna.Study, cfg: DictConfig, seeded: Sequence[str]) -> None:
+    """Before any worker starts: run the range test once and queue a first trial that uses
+    the finder's LR itself (factor 1), so the search starts from the suggestion."""
+    if not seeded:
+        return
+    if cfg.lr_finder.scale != "rerun":
+        from kmnist_sweep.data import load_dataset
+
+        curve = cached_curve(study, cfg, load_dataset(cfg.data), int(cfg.lr_finder.batch_size))
+        rule = str(cfg.lr_finder.suggestion)
+        print(
+            f"LR finder ({rule}, batch {curve.batch_size}): {curve.suggestions[rule]:.3g}; "
+            f"curve in {Path(str(cfg.study.output_dir)) / 'lr_finder'}",
+            flush=True,
+        )
+    if not study.get_trials(deepcopy=False):
+        study.enqueue_trial({f"{name}.factor": 1.0 for name in seeded})

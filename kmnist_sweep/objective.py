@@ -7,6 +7,7 @@ memory or diverges is halved and the run restarted (`batch_size.fit_with_fallbac
 
 from __future__ import annotations
 
+import atexit
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -65,8 +66,23 @@ def suggest_params(trial: optuna.Trial, params: list[Param]) -> dict[str, Any]:
 def make_objective(
     cfg: DictConfig, tracker: Tracker | None = None
 ) -> Callable[[optuna.Trial], float]:
-    """Load the data once per worker; each call trains one trial's configuration."""
+    """Load the data once per worker; each call trains one trial's configuration.
+
+    Without a `tracker`, one is made from cfg.tracking and closed when the worker exits
+    (wandb writes a run's last records only then)."""
     params = parse_space(cfg.search_space, cfg)
+    engine.check_config(cfg)
+    searched = {p.name: p for p in params}
+    if "trainer.batch_size" in searched:
+        for bound in pow2_exponents(searched["trainer.batch_size"]):
+            batch_size.check_batch_size(
+                2**bound, cfg.batch_size, "search_space.trainer.batch_size"
+            )
+    else:
+        batch_size.check_batch_size(cfg.trainer.batch_size, cfg.batch_size)
+    if tracker is None:
+        tracker = Tracker(cfg.tracking, str(cfg.study.name), Path(str(cfg.study.output_dir)))
+        atexit.register(tracker.close)
     seeded = [p.name for p in params if p.type == "lr_finder"]
     dataset: Dataset = load_dataset(cfg.data)
     metric = str(cfg.study.metric)

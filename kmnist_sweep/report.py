@@ -27,6 +27,7 @@ import optuna
 from matplotlib import font_manager, ft2font
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
+from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
@@ -428,3 +429,46 @@ img {{ max-width: 100%; }}
 
 def _format(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------- a finished sweep
+
+
+def report_sweep(study: optuna.Study, cfg: DictConfig) -> Path:
+    """The report of a sweep: study plots, LR-finder curves, and the best trial's test
+    predictions (saved by the objective) against the test images; also sent to wandb."""
+    from kmnist_sweep.data import load_dataset
+    from kmnist_sweep.tracking import Tracker
+
+    out_dir = Path(str(cfg.study.output_dir))
+    dataset = load_dataset(cfg.data)
+    labels = preds = images = None
+    try:
+        best = study.best_trial
+    except ValueError:  # no complete trial yet
+        best = None
+    if best is not None:
+        saved = out_dir / "trials" / str(best.number) / "test_preds.npz"
+        if saved.exists():
+            with np.load(saved) as npz:
+                preds, labels = npz["preds"], npz["labels"]
+            images = dataset.test.images.numpy()
+    curves = sorted((out_dir / "lr_finder").glob("*.png"))
+    page = write_report(
+        study,
+        out_dir,
+        classes=dataset.classes,
+        test_labels=labels,
+        test_preds=preds,
+        test_images=images,
+        lr_curves=curves,
+        note=dataset.note,
+    )
+    tracker = Tracker(cfg.tracking, study.study_name, out_dir)
+    summary: dict[str, object] = {"study": study.study_name, "n_trials": len(study.trials)}
+    if best is not None:
+        summary.update({"best/value": best.value, "best/trial": best.number, **best.params})
+    pngs = {p.stem: p for p in sorted(page.parent.glob("*.png"))}
+    tracker.log_study_summary(summary, pngs)
+    tracker.close()
+    return page

@@ -39,6 +39,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from kmnist_sweep import batch_size, lr_finder, report
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.search_space import (
     Param,
@@ -59,6 +60,7 @@ SQLITE_BUSY_TIMEOUT_S = 60.0  # seconds a SQLite writer waits for the lock befor
 OPEN_ATTEMPTS = 5  # tries to open a storage that answers "database is locked"
 STOP_WAIT_S = 10.0  # seconds workers get to record their trial after Ctrl-C
 SLOT_LOCK = ".slots.lock"  # file under output_dir that workers on one host take turns on
+DEFAULT_OBJECTIVE = "kmnist_sweep.objective:make_objective"  # the real trainer, with a report
 WORKER_ENTRY = "from kmnist_sweep.runner import worker_main; worker_main()"
 
 
@@ -232,6 +234,11 @@ def _quiet_optuna_warnings() -> Iterator[None]:
 # --------------------------------------------------------------------------- study
 
 
+def batch_constraint(trial: FrozenTrial) -> list[float]:
+    """Feasibility for constraint-aware samplers: batch halvings the request needed."""
+    return batch_size.constraint(trial.user_attrs)
+
+
 def build_sampler(
     sampler_cfg: DictConfig, params: Sequence[Param] = (), seed_offset: int = 0
 ) -> optuna.samplers.BaseSampler:
@@ -244,7 +251,10 @@ def build_sampler(
         if kind == "tpe":
             # constant_liar: parallel workers treat running trials as bad, so they spread out.
             return optuna.samplers.TPESampler(
-                seed=seed, n_startup_trials=n_startup, constant_liar=True
+                seed=seed,
+                n_startup_trials=n_startup,
+                constant_liar=True,
+                constraints_func=batch_constraint,
             )
         if kind == "random":
             return optuna.samplers.RandomSampler(seed=seed)
@@ -259,7 +269,9 @@ def build_sampler(
                 ) from None
             return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n_startup)
         if kind == "gp":
-            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup)
+            return optuna.samplers.GPSampler(
+                seed=seed, n_startup_trials=n_startup, constraints_func=batch_constraint
+            )
     raise ConfigError(f"study.sampler.type={kind!r} is not one of tpe, random, grid, cmaes, gp")
 
 
@@ -422,6 +434,7 @@ def run_sweep(
     out_dir = Path(str(study_cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(_mask(resolved))))
+    lr_finder.prepare(study, cfg, [p.name for p in params if p.type == "lr_finder"])
     if base_overrides is None:
         base_overrides = hydra_base_overrides(cfg)
 
@@ -471,6 +484,9 @@ def run_sweep(
         optuna.logging.set_verbosity(verbosity)
         try:
             _write_results(study, cfg, out_dir, list(base_overrides))
+            if objective_path == DEFAULT_OBJECTIVE and cfg.study.get("report", True):
+                page = report.report_sweep(study, cfg)
+                log.info("report: %s", page)
         except Exception as exc:  # never hide the original error behind a reporting one
             log.warning("could not write %s: %s", out_dir, exc)
     summary = summarize(study, n_trials, mask_url(url), out_dir)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from kmnist_sweep import batch_size, lr_finder
 from kmnist_sweep.objective import make_objective, suggest_params
 from kmnist_sweep.search_space import parse_space
+from kmnist_sweep.tracking import Tracker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -154,3 +155,33 @@ def test_constraints_make_infeasible_batch_sizes_rarer() -> None:
     without = sum(_big_requests(False, s) for s in range(3))
     print(f"requests above 128 after start-up: constrained {with_c}/150, plain {without}/150")
     assert with_c < 0.75 * without
+
+
+def test_a_wandb_outage_mid_trial_leaves_the_trial_complete(
+    compose_cfg: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb.sdk.wandb_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = _cfg(
+        compose_cfg,
+        tmp_path,
+        "tracking=offline",
+        "+search_space={trainer.batch_size: {type: pow2, low: 64, high: 64}}",
+    )
+    calls = {"n": 0}
+
+    def broken_log(self: object, *args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        raise ConnectionError("wandb is down")
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken_log)
+    tracker = Tracker(cfg.tracking, "outage", tmp_path)
+    study = optuna.create_study(direction="maximize")
+    try:
+        study.optimize(make_objective(cfg, tracker), n_trials=1)
+    finally:
+        tracker.close()
+    assert calls["n"] >= 1, "the injected failure must have been hit"
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert len(study.trials[0].intermediate_values) == 2

@@ -1,0 +1,104 @@
+"""The command line as a user runs it: help, one training run, a sweep, retraining the best."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import SHARED_KMNIST
+from tests.test_tracking import API_KEY, history, offline_runs, run_config
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+needs_kmnist = pytest.mark.skipif(
+    not (SHARED_KMNIST / "t10k-images-idx3-ubyte.gz").exists(),
+    reason=f"real KMNIST test files not found in {SHARED_KMNIST}",
+)
+
+
+def cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kmnist_sweep", *args],
+        cwd=cwd,
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_help_lists_the_config_groups(tmp_path: Path) -> None:
+    out = cli("--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for group in ("data", "model", "trainer", "lr_finder", "batch_size", "study", "sweep"):
+        assert re.search(rf"^{group}: ", out.stdout, re.M), f"group {group} missing"
+    assert "kmnist_sample" in out.stdout and "batchsize" in out.stdout
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    out = cli("data=synthetic", "trainer.batch_size=96", "+sweep=lr", cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("kmnist_sweep: error: ")
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout
+
+
+def test_single_training_run_prints_epochs_and_test_metric(tmp_path: Path) -> None:
+    out = cli("data=synthetic", "trainer.epochs=2", "trainer.batch_size=64", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    epoch_line = r"^epoch 1/2 .*train/loss [\d.]+ .*val/loss [\d.]+.*val/acc"
+    assert re.search(epoch_line, out.stdout, re.M)
+    assert re.search(r"^epoch 2/2 ", out.stdout, re.M)
+    assert re.search(r"^final: val/acc [\d.]+  test/acc [\d.]+", out.stdout, re.M)
+
+
+@needs_kmnist
+@pytest.mark.slow
+def test_batchsize_sweep_on_kmnist_sample_and_retrain_best(tmp_path: Path) -> None:
+    data = f"data.root={SHARED_KMNIST}"
+    sweep = cli(
+        "+sweep=batchsize",
+        "data=kmnist_sample",
+        data,
+        "study.n_trials=2",
+        "trainer.epochs=1",
+        "++search_space.trainer.batch_size.low=512",
+        "tracking=offline",
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_API_KEY": API_KEY},
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert (tmp_path / "storage" / "batchsize-kmnist_sample.db").exists()
+    out_dir = tmp_path / "sweeps" / "batchsize-kmnist_sample"
+    best = yaml.safe_load((out_dir / "best.yaml").read_text())
+    assert (out_dir / "trials.csv").exists() and (out_dir / "config.yaml").exists()
+    assert (out_dir / "report" / "report.html").exists()
+    # One offline wandb run per trial (plus the study's summary run), read back from disk.
+    runs = offline_runs(out_dir)
+    assert {"trial-0", "trial-1"} <= set(runs), sorted(runs)
+    for name in ("trial-0", "trial-1"):
+        records = runs[name]
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert run.run_group == "batchsize-kmnist_sample" and run.job_type == "trial"
+        rows = [row for row in history(records) if "val/acc" in row]
+        assert [row["epoch"] for row in rows] == [1]
+        assert {"train/loss", "val/loss", "lr"} <= set(rows[0])
+        config = run_config(records)
+        assert config["batch_size/requested"] in (512, 1024, 2048)
+        assert "trainer.batch_size.log2" in config["params"]
+    leaked = [p for p in out_dir.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
+    assert leaked == []
+    assert any(o.startswith("trainer.batch_size=") for o in best["overrides"])
+    retrain = cli(*best["overrides"], cwd=tmp_path)
+    assert retrain.returncode == 0, retrain.stderr[-3000:]
+    found = re.search(r"^final: val/acc ([\d.]+)", retrain.stdout, re.M)
+    assert found, retrain.stdout[-2000:]
+    assert float(found.group(1)) == pytest.approx(best["value"], abs=1e-4)
+    assert "not the official" in retrain.stdout
