@@ -434,7 +434,8 @@ def run_sweep(
     out_dir = Path(str(study_cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(_mask(resolved))))
-    lr_finder.prepare(study, cfg, [p.name for p in params if p.type == "lr_finder"])
+    if objective_path == DEFAULT_OBJECTIVE:  # the finder trains our engine; toys need none
+        lr_finder.prepare(study, cfg, [p.name for p in params if p.type == "lr_finder"])
     if base_overrides is None:
         base_overrides = hydra_base_overrides(cfg)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -79,7 +80,13 @@ def test_batchsize_sweep_on_kmnist_sample_and_retrain_best(tmp_path: Path) -> No
     out_dir = tmp_path / "sweeps" / "batchsize-kmnist_sample"
     best = yaml.safe_load((out_dir / "best.yaml").read_text())
     assert (out_dir / "trials.csv").exists() and (out_dir / "config.yaml").exists()
-    assert (out_dir / "report" / "report.html").exists()
+    report = out_dir / "report"
+    assert "confusion.png" in (report / "report.html").read_text()
+    for png in report.glob("*.png"):
+        assert png.stat().st_size > 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (report / "confusion.csv").open() as fh:
+        rows = list(csv.reader(fh))[1:]
+    assert len(rows) == 10 and sum(int(c) for row in rows for c in row[1:]) == 2000
     # One offline wandb run per trial (plus the study's summary run), read back from disk.
     runs = offline_runs(out_dir)
     assert {"trial-0", "trial-1"} <= set(runs), sorted(runs)
