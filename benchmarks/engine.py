@@ -90,7 +90,7 @@ def part1(repeats: int) -> None:
         bare.append(n / bare_epoch(learn, 1e-3))
         tool.append(n / tool_epoch(learn, 1e-3))
     b, t = statistics.median(bare), statistics.median(tool)
-    print("\n### 1. Training step throughput (resnet18, imagenet stem, batch 128, fp32)\n")
+    print("\n### 1. Training step throughput (resnet18, imagenet stem, bs 128, fp32, NHWC)\n")
     print(f"| loop | images/s (median of {repeats} epochs of {n} images) |")
     print("|---|---|")
     print(f"| bare PyTorch | {b:.0f} |")

