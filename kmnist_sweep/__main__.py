@@ -64,6 +64,13 @@ def run(cfg: DictConfig) -> float | None:
         from kmnist_sweep.runner import run_sweep
 
         summary = run_sweep(cfg)
+        print(
+            f"study {summary.study_name}: {summary.complete} complete, {summary.pruned} pruned, "
+            f"{summary.failed} failed of {summary.n_trials}; best {cfg.study.metric} "
+            f"{summary.best_value} (trial {summary.best_trial}); "
+            f"see {summary.output_dir}/best.yaml and {summary.output_dir}/report/report.html",
+            flush=True,
+        )
         return summary.best_value
     return train_once(cfg)
 
