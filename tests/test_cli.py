@@ -51,6 +51,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr and "Traceback" not in out.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["data=nope"], "data/nope"),
+        (["+sweep=nope"], "sweep/nope"),
+        (["trainer.nope=1"], "trainer.nope"),
+        (["trainer.epochs=[1"], "trainer.epochs"),
+    ],
+)
+def test_bad_config_overrides_are_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kmnist_sweep: error: "), out.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "storage").exists(), "nothing may be created on bad input"
+
+
 def test_single_training_run_prints_epochs_and_test_metric(tmp_path: Path) -> None:
     out = cli("data=synthetic", "trainer.epochs=2", "trainer.batch_size=64", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
