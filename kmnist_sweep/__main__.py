@@ -114,7 +114,8 @@ def one_line(exc: BaseException, overrides: list[str]) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if "Config search path:" in lines:
         lines = lines[: lines.index("Config search path:")]
-    text, options = [], []
+    text: list[str] = []
+    options: list[str] = []
     for line in lines:
         if line.startswith("Available options in"):
             if text:
