@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,7 @@ from kmnist_sweep.search_space import (
     pow2_exponents,
     to_overrides,
 )
+from kmnist_sweep.tracking import scrub
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +434,7 @@ def run_sweep(
     study.set_user_attr("search_space", resolved["search_space"])
     out_dir = Path(str(study_cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(_mask(resolved))))
+    _write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(scrub(resolved))))
     if objective_path == DEFAULT_OBJECTIVE:  # the finder trains our engine; toys need none
         lr_finder.prepare(study, cfg, [p.name for p in params if p.type == "lr_finder"])
     if base_overrides is None:
@@ -1009,23 +1010,6 @@ def best_yaml(
     }
     header = f"# Best trial of study {study.study_name}. Retrain it with:\n#   {command}\n"
     return header + OmegaConf.to_yaml(OmegaConf.create(body))
-
-
-_SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|token|api_key|apikey)")
-
-
-def _mask(tree: Any) -> Any:
-    """A copy with URL passwords and secret-looking keys replaced by ***."""
-    if isinstance(tree, Mapping):
-        return {
-            k: "***" if _SECRET_KEY.search(str(k)) and v is not None else _mask(v)
-            for k, v in tree.items()
-        }
-    if isinstance(tree, list):
-        return [_mask(v) for v in tree]
-    if isinstance(tree, str):
-        return mask_url(tree)
-    return tree
 
 
 def _resolve(cfg: DictConfig) -> dict[str, Any]:
