@@ -9,7 +9,8 @@ import hydra
 from omegaconf import DictConfig
 
 import kmnist_sweep  # noqa: F401  (torchvision compat before fastai loads)
-from kmnist_sweep.errors import UserError
+from kmnist_sweep.checks import check_writable_dir
+from kmnist_sweep.errors import Interrupted, SweepStopped, UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -78,11 +79,39 @@ def run(cfg: DictConfig) -> float | None:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _entry(cfg: DictConfig) -> float | None:
     try:
+        save_snapshot(cfg)
         return run(cfg)
     except UserError as exc:
         # Bad input is the user's to fix: one line, no traceback, exit status 2.
         print(f"kmnist_sweep: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except SweepStopped as exc:
+        # Not the user's input, and nothing lost: one line, exit 1, the same command resumes.
+        print(f"kmnist_sweep: stopped: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt as exc:
+        detail = str(exc) or "interrupted"
+        print(f"kmnist_sweep: interrupted: {detail}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 130)
+
+
+def save_snapshot(cfg: DictConfig) -> None:
+    """The run folder's config.yaml and overrides.yaml, secrets masked. Hydra's own .hydra/
+    copies are switched off (hydra.output_subdir: null): they hold storage passwords."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from kmnist_sweep.tracking import scrub, scrub_text
+
+    if not HydraConfig.initialized():
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = [scrub_text(o) for o in HydraConfig.get().overrides.task]
+    try:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(scrub(cfg))))
+        (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    except OSError as exc:
+        raise UserError(f"cannot write the run's config to {run_dir}: {exc}") from None
 
 
 MODE = "run"  # "report" when the first argument is the word report
@@ -100,9 +129,16 @@ def preflight(args: list[str]) -> None:
     overrides = [a for a in args if not a.lstrip("+~").startswith("hydra.")]
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        # Hydra makes its run folder before our code runs; a read-only disk would be its
+        # traceback, not our line.
+        run_dir = str(cfg.hydra.run.dir)
+        check_writable_dir(Path(run_dir), f"hydra.run.dir={run_dir!r} cannot be created")
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         print(f"kmnist_sweep: error: {one_line(exc, overrides)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except UserError as exc:
+        print(f"kmnist_sweep: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -167,24 +168,34 @@ class DivergenceGuard(Callback):
 
 class InjectOOM(Callback):
     """Fault injection: a real `torch.OutOfMemoryError` at (epoch, step) above a batch size,
-    so the fallback is exercised on machines without a GPU."""
+    so the fallback is exercised on machines without a GPU. With epoch or step None the
+    step is drawn at random for every run (fault-matrix tests: OOM at random steps)."""
 
     order = 0
 
-    def __init__(self, above: int, epoch: int, step: int) -> None:
+    def __init__(self, above: int, epoch: int | None, step: int | None) -> None:
         self.above = above  # images: batches larger than this "do not fit"
-        self.epoch = epoch  # 1-based epoch of the failure
-        self.at_step = step  # 1-based step within that epoch
+        self.epoch = epoch  # 1-based epoch of the failure (None: random)
+        self.at_step = step  # 1-based step within that epoch (None: random)
+
+    def before_fit(self) -> None:
+        self.when = (self.epoch, self.at_step)
+        if self.epoch is None or self.at_step is None:
+            rng = random.Random()  # not the training RNGs: seeding them must stay unchanged
+            epoch = self.epoch or rng.randint(1, max(int(self.learn.n_epoch), 1))
+            step = self.at_step or rng.randint(1, max(len(self.learn.dls.train), 1))
+            self.when = (epoch, step)
 
     def before_batch(self) -> None:
+        epoch, step = self.when
         if (
             self.training
             and self.learn.dls.train.bs > self.above
-            and self.learn.epoch + 1 == self.epoch
-            and self.learn.iter + 1 == self.at_step
+            and self.learn.epoch + 1 == epoch
+            and self.learn.iter + 1 == step
         ):
             raise torch.OutOfMemoryError(
-                f"injected out of memory at epoch {self.epoch} step {self.at_step} "
+                f"injected out of memory at epoch {epoch} step {step} "
                 f"(batch {self.learn.dls.train.bs} > {self.above})"
             )
 
@@ -194,7 +205,14 @@ def guards(cfg: DictConfig) -> list[Callback]:
     cbs: list[Callback] = [DivergenceGuard(int(cfg.diverge_window), float(cfg.diverge_factor))]
     inject = cfg.get("inject_oom")
     if inject:
-        cbs.append(InjectOOM(int(inject.above), int(inject.epoch), int(inject.step)))
+        epoch, step = inject.get("epoch"), inject.get("step")
+        cbs.append(
+            InjectOOM(
+                int(inject.above),
+                None if epoch is None else int(epoch),
+                None if step is None else int(step),
+            )
+        )
     return cbs
 
 

@@ -13,7 +13,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,11 +26,14 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import Metric, accuracy
 from fastai.optimizer import OptimWrapper
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kmnist_sweep.batch_size import check_batch_size
+from kmnist_sweep.checks import check_choice, check_number
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.model import ARCHS, STEMS, build_model
+from kmnist_sweep.search_space import Param, pow2_exponents
 
 if TYPE_CHECKING:
     from kmnist_sweep.data import Dataset, Split
@@ -350,18 +353,66 @@ def _opt_func(tcfg: DictConfig, device: torch.device) -> Callable[..., OptimWrap
     raise ConfigError(f"trainer.optimizer={tcfg.optimizer!r} is not adamw or sgd")
 
 
-def check_config(cfg: DictConfig) -> None:
+# Numeric values check_config checks: key -> check_number's keyword arguments.
+NUMBERS: dict[str, dict[str, Any]] = {
+    "seed": {"whole": True, "low": 0},
+    "trainer.epochs": {"whole": True, "low": 0, "high": 30},
+    "trainer.lr": {"low": 0, "low_open": True},
+    "trainer.momentum": {"low": 0, "high": 1, "high_open": True},
+    "trainer.weight_decay": {"low": 0},
+    "trainer.label_smoothing": {"low": 0, "high": 1, "high_open": True},
+    "trainer.pct_start": {"low": 0, "high": 1, "high_open": True},
+    "trainer.translate": {"whole": True, "low": 0},
+    "trainer.cutout": {"whole": True, "low": 0},
+    "trainer.eval_batch_size": {"whole": True, "low": 1},
+    "trainer.threads": {"whole": True, "low": 0},
+}
+# Choices of the keys a search space may pick from (checked per choice when searched).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "trainer.optimizer": ("adamw", "sgd"),
+    "trainer.precision": ("auto", "bf16", "fp32"),
+    "model.arch": ARCHS,
+    "model.stem": STEMS,
+}
+
+
+def check_config(cfg: DictConfig, params: Sequence[Param] = ()) -> None:
     """Every trainer/model choice that would fail later, as a ConfigError now, before data
-    is loaded or a study is touched."""
+    is loaded or a study is touched. A key searched by `params` (the parsed search space)
+    is checked at its bounds or choices instead of its config value."""
+    searched = {p.name: p for p in params}
+    for key, rule in NUMBERS.items():
+        if key in searched:
+            for where, value in _searched_values(searched[key]):
+                check_number(f"search_space.{key}{where}", value, **rule)
+        else:
+            check_number(key, OmegaConf.select(cfg, key), **rule)
+    for key, choices in CHOICES.items():
+        for where, value in _searched_values(searched[key]) if key in searched else []:
+            check_choice(f"search_space.{key}{where}", value, choices)
+    if "trainer.batch_size" in searched and searched["trainer.batch_size"].type == "pow2":
+        for bound in pow2_exponents(searched["trainer.batch_size"]):
+            check_batch_size(2**bound, cfg.batch_size, "search_space.trainer.batch_size")
+    else:
+        check_batch_size(cfg.trainer.batch_size, cfg.batch_size)
     tcfg = cfg.trainer
     device = pick_device(str(tcfg.device))
     use_bf16(str(tcfg.precision), device)
     _opt_func(tcfg, device)
     if cfg.model.arch not in ARCHS or cfg.model.stem not in STEMS:
         build_model(cfg.model, 2)  # raises the config error naming the bad key
-    epochs = tcfg.epochs
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or not 0 <= epochs <= 30:
-        raise ConfigError(f"trainer.epochs={epochs!r} is not a whole number in 0-30")
+
+
+def _searched_values(param: Param) -> list[tuple[str, Any]]:
+    """(".low", value), (".high", value) or (".choices", value) pairs of a searched key;
+    none for an lr_finder factor (a multiple of the finder's LR, not a config value)."""
+    if param.type == "categorical":
+        return [(".choices", choice) for choice in param.choices]
+    if param.type in ("float", "int"):
+        return [(".low", param.low), (".high", param.high)]
+    if param.type == "pow2":
+        return [(".low", int(param.low)), (".high", int(param.high))]
+    return []
 
 
 @dataclass

@@ -8,7 +8,9 @@ memory or diverges is halved and the run restarted (`batch_size.fit_with_fallbac
 from __future__ import annotations
 
 import atexit
+import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,33 @@ def suggest_params(trial: optuna.Trial, params: list[Param]) -> dict[str, Any]:
     return values
 
 
+def check_inputs(cfg: DictConfig) -> list[Param]:
+    """The search space and every trainer/model value this objective would use, checked
+    (ConfigError); the parsed search space."""
+    params = parse_space(cfg.search_space, cfg)
+    engine.check_config(cfg, params)
+    return params
+
+
+_PRELOADED: dict[str, Dataset] = {}  # data config -> dataset, for the next make_objective
+
+
+def preload_dataset(cfg: DictConfig, keep: bool = True) -> None:
+    """Load, and so check, the data before a sweep opens its storage (DataError). With
+    `keep`, the next make_objective in this process takes this dataset instead of loading
+    it again; without, it is dropped (workers in other processes load their own)."""
+    dataset = load_dataset(cfg.data)
+    _PRELOADED.clear()
+    if keep:
+        _PRELOADED[_data_key(cfg.data)] = dataset
+
+
+def _data_key(data_cfg: DictConfig) -> str:
+    """The resolved data config and the working directory its relative root starts from."""
+    resolved = OmegaConf.to_container(data_cfg, resolve=True)
+    return json.dumps([resolved, os.getcwd()], sort_keys=True, default=str)
+
+
 def make_objective(
     cfg: DictConfig, tracker: Tracker | None = None
 ) -> Callable[[optuna.Trial], float]:
@@ -70,21 +99,13 @@ def make_objective(
 
     Without a `tracker`, one is made from cfg.tracking and closed when the worker exits
     (wandb writes a run's last records only then)."""
-    params = parse_space(cfg.search_space, cfg)
-    engine.check_config(cfg)
-    searched = {p.name: p for p in params}
-    if "trainer.batch_size" in searched:
-        for bound in pow2_exponents(searched["trainer.batch_size"]):
-            batch_size.check_batch_size(
-                2**bound, cfg.batch_size, "search_space.trainer.batch_size"
-            )
-    else:
-        batch_size.check_batch_size(cfg.trainer.batch_size, cfg.batch_size)
+    params = check_inputs(cfg)
     if tracker is None:
         tracker = Tracker(cfg.tracking, str(cfg.study.name), Path(str(cfg.study.output_dir)))
         atexit.register(tracker.close)
     seeded = [p.name for p in params if p.type == "lr_finder"]
-    dataset: Dataset = load_dataset(cfg.data)
+    dataset: Dataset = _PRELOADED.get(_data_key(cfg.data)) or load_dataset(cfg.data)
+    _PRELOADED.clear()
     metric = str(cfg.study.metric)
     out_dir = Path(str(cfg.study.output_dir))
 
@@ -175,7 +196,10 @@ def make_objective(
         trial.set_user_attr("test", result.test)
         trial.set_user_attr("val", result.valid)
         trial.set_user_attr("seconds", round(result.seconds, 2))
-        save_predictions(result, out_dir / "trials" / str(trial.number))
+        try:
+            save_predictions(result, out_dir / "trials" / str(trial.number))
+        except OSError as exc:  # a full or read-only disk costs the report a figure, not the trial
+            log.warning("trial %d: could not save test predictions: %s", trial.number, exc)
         return result.valid[metric]
 
     return objective

@@ -24,10 +24,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -40,16 +41,18 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from kmnist_sweep import batch_size, lr_finder, report
-from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.checks import check_choice, check_number, check_writable_dir
+from kmnist_sweep.errors import ConfigError, Interrupted, SweepStopped
 from kmnist_sweep.search_space import (
     Param,
     format_override_value,
     optuna_name,
     parse_space,
     pow2_exponents,
+    space_difference,
     to_overrides,
 )
-from kmnist_sweep.tracking import scrub
+from kmnist_sweep.tracking import scrub, scrub_text
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,13 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards study
 SQLITE_BUSY_TIMEOUT_S = 60.0  # seconds a SQLite writer waits for the lock before failing
 OPEN_ATTEMPTS = 5  # tries to open a storage that answers "database is locked"
 STOP_WAIT_S = 10.0  # seconds workers get to record their trial after Ctrl-C
+STORAGE_PATIENCE_S = 600.0  # seconds a worker retries a storage that does not answer
+# What a storage that went away raises: lost connections, refused ones, failed commits.
+STORAGE_ERRORS: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    optuna.exceptions.StorageInternalError,
+)
 SLOT_LOCK = ".slots.lock"  # file under output_dir that workers on one host take turns on
 DEFAULT_OBJECTIVE = "kmnist_sweep.objective:make_objective"  # the real trainer, with a report
 WORKER_ENTRY = "from kmnist_sweep.runner import worker_main; worker_main()"
@@ -114,7 +124,7 @@ def open_storage(
             f"study.storage={mask_url(url)!r} is not a storage URL "
             "(sqlite:///file.db, postgresql://user@host/db or journal:///file.log)"
         ) from None
-    url = _with_installed_driver(url, parsed)
+    driver_url = _with_installed_driver(url, parsed)  # messages show the user's url
     engine_kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
@@ -133,11 +143,19 @@ def open_storage(
     for attempt in range(OPEN_ATTEMPTS):
         try:
             with _quiet_optuna_warnings():
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+                return optuna.storages.RDBStorage(
+                    driver_url, engine_kwargs=engine_kwargs, **heartbeat
+                )
         except Exception as exc:  # driver, network and schema errors all mean "cannot open"
             if _is_lock_error(exc) and attempt + 1 < OPEN_ATTEMPTS:
                 time.sleep(0.2 * 2**attempt)
                 continue
+            if isinstance(exc, sqlalchemy.exc.NoSuchModuleError):
+                raise ConfigError(
+                    f"cannot open study.storage={mask_url(url)!r}: unknown database "
+                    f"{parsed.drivername!r} (sqlite:///file.db, postgresql://user@host/db or "
+                    "journal:///file.log)"
+                ) from None
             raise ConfigError(
                 f"cannot open study.storage={mask_url(url)!r}: {_one_line(exc, url)}"
             ) from None
@@ -151,8 +169,10 @@ def _open_journal(url: str) -> BaseStorage:
     path = path[1:] if path.startswith("/") else path  # journal:///rel, journal:////abs
     if not path:
         raise ConfigError(f"study.storage={url!r}: journal URLs look like journal:///file.log")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not Path(path).parent.is_dir():
+        check_writable_dir(Path(path).parent, f"cannot create the folder of study.storage={url!r}")
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(path))
     except OSError as exc:
         raise ConfigError(f"cannot open study.storage={url!r}: {exc}") from None
@@ -160,6 +180,8 @@ def _open_journal(url: str) -> BaseStorage:
 
 def _prepare_sqlite_file(url: str, path: Path) -> None:
     """Create the folder and switch the file to WAL: readers no longer block the writer."""
+    if not path.parent.is_dir():
+        check_writable_dir(path.parent, f"cannot create the folder of study.storage={url!r}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -173,7 +195,7 @@ def _prepare_sqlite_file(url: str, path: Path) -> None:
             finally:
                 con.close()
             return
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:  # locked, unreadable, or not a database
             if _is_lock_error(exc) and attempt + 1 < OPEN_ATTEMPTS:
                 time.sleep(0.2 * 2**attempt)
                 continue
@@ -340,8 +362,14 @@ def create_or_load_study(
     storage: BaseStorage,
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
+    search_space: dict[str, Any] | None = None,
 ) -> optuna.Study:
-    """The study named `study.name`, created on first use; a clashing existing one is an error."""
+    """The study named `study.name`, created on first use; a clashing existing one is an error.
+
+    With `search_space` (the resolved mapping), an existing study must have been created
+    with the same one (same keys, types, bounds and choices, however written), checked
+    before anything is written; a new study, or an older one without it, stores it.
+    """
     name = str(study_cfg.name)
     direction = str(study_cfg.direction)
     metric = str(study_cfg.metric)
@@ -358,12 +386,21 @@ def create_or_load_study(
                 f"study {name!r} already exists in {mask_url(str(study_cfg.storage))} with "
                 f"direction {'/'.join(directions)}, not {direction}: pick another study.name"
             )
-        old_metric = storage.get_study_user_attrs(study_id).get("metric")
+        attrs = storage.get_study_user_attrs(study_id)
+        old_metric = attrs.get("metric")
         if old_metric is not None and old_metric != metric:
             raise ConfigError(
-                f"study {name!r} already exists with metric {old_metric}, not {metric}: "
-                "pick another study.name"
+                f"study {name!r} already exists in {mask_url(str(study_cfg.storage))} with "
+                f"metric {old_metric}, not {metric}: pick another study.name"
             )
+        old_space = attrs.get("search_space")
+        if search_space is not None and old_space is not None:
+            difference = space_difference(old_space, search_space)
+            if difference is not None:
+                raise ConfigError(
+                    f"study {name!r} already exists in {mask_url(str(study_cfg.storage))} "
+                    f"with another search space ({difference}): pick another study.name"
+                )
     study = optuna.create_study(
         storage=storage,
         study_name=name,
@@ -374,7 +411,42 @@ def create_or_load_study(
     )
     if study_id is None:
         study.set_user_attr("metric", metric)
+    if search_space is not None and "search_space" not in study.user_attrs:
+        study.set_user_attr("search_space", search_space)
     return study
+
+
+# Study values check_study_config checks (when present): key -> check_number's arguments.
+STUDY_NUMBERS: dict[str, dict[str, Any]] = {
+    "n_trials": {"whole": True, "low": 1},
+    "timeout": {"low": 0, "nullable": True},
+    "poll_interval": {"low": 0, "low_open": True},
+    "heartbeat_interval": {"whole": True, "low": 1, "nullable": True},
+    "grace_period": {"whole": True, "low": 1, "nullable": True},
+    "max_retry": {"whole": True, "low": 0, "nullable": True},
+    "max_failed": {"whole": True, "low": 1, "nullable": True},
+    "storage_patience": {"low": 0},
+    "workers_per_gpu": {"whole": True, "low": 1},
+    "sampler.seed": {"whole": True, "low": 0, "nullable": True},
+    "sampler.n_startup_trials": {"whole": True, "low": 0},
+    "pruner.n_startup_trials": {"whole": True, "low": 0},
+    "pruner.n_warmup_steps": {"whole": True, "low": 0},
+    "pruner.min_resource": {"whole": True},  # ranges: build_pruner, for the pruners using them
+    "pruner.max_resource": {"whole": True},
+    "pruner.reduction_factor": {"whole": True},
+}
+_ABSENT = object()
+
+
+def check_study_config(study_cfg: DictConfig) -> int:
+    """The study's own values (types, ranges, direction) as ConfigErrors, before anything is
+    opened or created; study.n_trials."""
+    check_choice("study.direction", study_cfg.get("direction"), ("maximize", "minimize"))
+    for key, rule in STUDY_NUMBERS.items():
+        value = OmegaConf.select(study_cfg, key, default=_ABSENT)
+        if value is not _ABSENT:
+            check_number(f"study.{key}", value, **rule)
+    return check_number("study.n_trials", study_cfg.get("n_trials"), whole=True, low=1)
 
 
 def load_objective_factory(path: str) -> ObjectiveFactory:
@@ -412,27 +484,33 @@ def run_sweep(
     params = parse_space(cfg.search_space, cfg)
     if not params:
         raise ConfigError("search_space is empty: pick a sweep, e.g. +sweep=batchsize")
-    n_trials = int(study_cfg.n_trials)
-    if n_trials < 1:
-        raise ConfigError(f"study.n_trials={n_trials} must be at least 1")
-    devices = worker_devices(cfg)
+    n_trials = check_study_config(study_cfg)
+    jobs = _cluster_jobs(cfg)  # launcher=slurm: worker jobs to submit; None: workers here
+    devices: list[str | None] = worker_devices(cfg) if jobs is None else [None] * jobs
     objective_path = _objective_path(study_cfg, objective_factory)
-    if objective_path is None and len(devices) > 1:
+    if objective_path is None and (len(devices) > 1 or jobs is not None):
         raise ConfigError(
             "worker processes need an importable objective factory: set study.objective"
         )
     factory = objective_factory or load_objective_factory(str(objective_path))
     resolved = _resolve(cfg)
+    sampler = build_sampler(study_cfg.sampler, params)
+    pruner = build_pruner(study_cfg.pruner)
+    if objective_path == DEFAULT_OBJECTIVE:  # the real trainer: its values and data, now
+        from kmnist_sweep import objective as trainer
+
+        trainer.check_inputs(cfg)
+        if jobs is None:  # cluster jobs may see other files than this host: they check theirs
+            trainer.preload_dataset(cfg, keep=devices == [None])
+    out_dir = Path(str(study_cfg.output_dir))
+    log_dir = out_dir / "logs" if jobs is None else Path(str(cfg.launcher.folder))  # workers'
+    check_writable_dir(out_dir, f"study.output_dir={str(out_dir)!r} cannot be created")
+    # Every check of the input is above this line: nothing was created or written so far.
     url = str(study_cfg.storage)
     storage = _storage_for(study_cfg)
     study = create_or_load_study(
-        study_cfg,
-        storage,
-        build_sampler(study_cfg.sampler, params),
-        build_pruner(study_cfg.pruner),
+        study_cfg, storage, sampler, pruner, search_space=resolved["search_space"]
     )
-    study.set_user_attr("search_space", resolved["search_space"])
-    out_dir = Path(str(study_cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(scrub(resolved))))
     if objective_path == DEFAULT_OBJECTIVE:  # the finder trains our engine; toys need none
@@ -452,35 +530,49 @@ def run_sweep(
         done,
         n_trials,
         len(devices),
-        "" if len(devices) == 1 else f", logs in {out_dir / 'logs'}",
+        "" if jobs is None and len(devices) == 1 else f", logs in {log_dir}",
     )
     progress = Progress(study, n_trials, str(study_cfg.metric))
     worker_status: list[int] = []
+    stopped: BaseException | None = None
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar prints one line per trial
     try:
-        if len(devices) == 1 and devices[0] is None:
-            objective = factory(cfg)
-            work(
-                study,
-                objective,
-                n_trials,
-                deadline=deadline,
-                since=since,
-                poll=poll,
-                heartbeat=_heartbeat_enabled(storage),
-                lock_path=out_dir / SLOT_LOCK,
-                on_trial_end=lambda: progress.refresh(),
-            )
-        else:
-            payload = {
-                "cfg": resolved,
-                "objective": objective_path,
-                "since": since.isoformat(),
-                "deadline": deadline,
-            }
-            worker_status = _run_workers(payload, devices, out_dir / "logs", progress, poll)
+        with stop_on_signals():
+            if jobs is None and len(devices) == 1 and devices[0] is None:
+                objective = factory(cfg)
+                work(
+                    study,
+                    objective,
+                    n_trials,
+                    deadline=deadline,
+                    since=since,
+                    poll=poll,
+                    heartbeat=_heartbeat_enabled(storage),
+                    lock_path=out_dir / SLOT_LOCK,
+                    on_trial_end=lambda: progress.refresh(),
+                    **fault_limits(study_cfg),
+                )
+            else:
+                payload = {
+                    "cfg": resolved,
+                    "objective": objective_path,
+                    "since": since.isoformat(),
+                    "deadline": deadline,
+                }
+                if jobs is None:
+                    worker_status = _run_workers(
+                        payload, devices, out_dir / "logs", progress, poll
+                    )
+                else:
+                    from kmnist_sweep import launcher
+
+                    submitted = launcher.submit_workers(cfg, payload)
+                    worker_status = launcher.wait(submitted, progress, poll)
         progress.refresh()
+    except (KeyboardInterrupt, SweepStopped) as exc:
+        stop_seen(exc)
+        stopped = exc  # raised again once the outputs are written
     finally:
         progress.close()
         optuna.logging.set_verbosity(verbosity)
@@ -490,19 +582,53 @@ def run_sweep(
                 page = report.report_sweep(study, cfg)
                 log.info("report: %s", page)
         except Exception as exc:  # never hide the original error behind a reporting one
-            log.warning("could not write %s: %s", out_dir, exc)
-    summary = summarize(study, n_trials, mask_url(url), out_dir)
+            log.warning("could not write %s: %s", out_dir, error_line(exc))
+    if isinstance(stopped, KeyboardInterrupt):
+        signum = int(getattr(stopped, "signum", signal.SIGINT))
+        how = "terminated" if signum == signal.SIGTERM else "interrupted"
+        raise Interrupted(
+            f"study {study.study_name} {how} at {_finished_text(study, n_trials)} finished "
+            "trials; running trials were recorded as failed: run the same command again to resume",
+            signum,
+        ) from None
+    if stopped is not None:
+        raise stopped
+    try:
+        summary = summarize(study, n_trials, mask_url(url), out_dir)
+        trials = study.get_trials(deepcopy=False)
+    except STORAGE_ERRORS as exc:
+        raise SweepStopped(
+            f"the storage did not answer at the end of the run ({error_line(exc)}); "
+            "run the same command again once it is back"
+        ) from None
     finished = summary.complete + summary.pruned
     exhausted = _grid_exhausted(study)
     timed_out = deadline is not None and time.time() >= deadline
     if finished < n_trials and not exhausted and not timed_out:
+        _check_failures(trials, since, fault_limits(study_cfg)["max_failed"])
         crashed = [f"worker {i} exited with {rc}" for i, rc in enumerate(worker_status) if rc]
-        raise RuntimeError(
+        raise SweepStopped(
             f"study {study.study_name} stopped at {finished}/{n_trials} finished trials"
-            + (f" ({'; '.join(crashed)}; see {out_dir / 'logs'})" if crashed else "")
+            + (f" ({'; '.join(crashed)}; see {log_dir})" if crashed else "")
             + ": run the same command again to add the rest"
         )
     return summary
+
+
+def fault_limits(study_cfg: DictConfig) -> dict[str, Any]:
+    """work()'s limits from the study config: failing trials, storage outage (seconds)."""
+    max_failed = study_cfg.get("max_failed", 10)
+    return {
+        "max_failed": None if max_failed is None else int(max_failed),
+        "storage_patience": float(study_cfg.get("storage_patience", STORAGE_PATIENCE_S)),
+    }
+
+
+def _finished_text(study: optuna.Study, n_trials: int) -> str:
+    try:
+        return f"{len(study.get_trials(deepcopy=False, states=FINISHED))}/{n_trials}"
+    except STORAGE_ERRORS:
+        return f"?/{n_trials} (storage unreachable)"
 
 
 def _storage_for(study_cfg: DictConfig) -> BaseStorage:
@@ -529,6 +655,16 @@ def _objective_path(study_cfg: DictConfig, factory: ObjectiveFactory | None) -> 
         return path if load_objective_factory(path) is factory else None
     except ConfigError:
         return None
+
+
+def _cluster_jobs(cfg: DictConfig) -> int | None:
+    """`launcher=slurm`: how many worker jobs to submit (checked); None: workers run here."""
+    launcher_cfg = cfg.get("launcher")
+    if launcher_cfg is None or str(launcher_cfg.get("name", "local")) != "slurm":
+        return None
+    from kmnist_sweep import launcher
+
+    return launcher.check(launcher_cfg)
 
 
 def worker_devices(cfg: DictConfig) -> list[str | None]:
@@ -586,6 +722,8 @@ def work(
     heartbeat: bool = True,
     lock_path: Path | None = None,
     on_trial_end: Callable[[], None] | None = None,
+    max_failed: int | None = None,
+    storage_patience: float = STORAGE_PATIENCE_S,
 ) -> None:
     """One worker's loop: run trials until the study holds n_trials finished ones.
 
@@ -594,41 +732,288 @@ def work(
     otherwise it waits, failing stale trials (dead workers) so their retries get queued.
     Workers on one host decide and create their trial under the file lock `lock_path`, so
     two never take the last free slot; across hosts, the later trial (by number) stands down.
+
+    Faults: a storage that stops answering is retried for `storage_patience` seconds, then
+    the worker stops with `SweepStopped` (the study is as the storage last saw it). When
+    `max_failed` trials of this run (all workers) have raised an error, the cause is a bug
+    rather than bad luck: the worker stops instead of failing every remaining trial.
+    SIGTERM is handled as Ctrl-C: the running trial is failed and recorded.
     """
     since = since or datetime.datetime.now()
     slot = _SlotLock(lock_path)
 
     def guarded(trial: optuna.Trial) -> float:
         slot.release()  # the trial exists now: other workers count it
-        if _taken_before(study, trial.number, since, heartbeat) >= n_trials:
-            trial.set_user_attr("surplus", True)
-            raise _Surplus(f"study already holds {n_trials} finished or running trials")
-        return objective(trial)
+        mine.append(trial.number)
+        try:
+            if _taken_before(study, trial.number, since, heartbeat) >= n_trials:
+                trial.set_user_attr("surplus", True)
+                raise _Surplus(f"study already holds {n_trials} finished or running trials")
+            if heartbeat:  # before `worker`: see _fail_unstarted
+                cast(Any, study._storage).record_heartbeat(trial._trial_id)
+            trial.set_user_attr("worker", os.environ.get("KMNIST_SWEEP_WORKER", "0"))
+            with _in_trial():
+                return objective(trial)
+        except (optuna.TrialPruned, _Surplus):
+            raise
+        except STORAGE_ERRORS as exc:
+            with suppress(*STORAGE_ERRORS):  # back already? then say why it failed
+                trial.set_user_attr("storage_error", error_line(exc))
+            raise
+        except KeyboardInterrupt as exc:
+            stop_seen(exc)
+            trial.set_user_attr("interrupted", signal.Signals(_signum(exc)).name)
+            raise
+        except Exception as exc:  # the trial's own failure, counted against max_failed
+            trial.set_user_attr("error", error_line(exc))
+            raise
 
     callbacks = [lambda _s, _t: on_trial_end()] if on_trial_end else []
+    outage: _Outage | None = None
+    mine: list[int] = []  # this worker's trial, while the objective runs
     try:
-        while deadline is None or time.time() < deadline:
-            slot.acquire()
-            # Under the lock: SQLite cannot make "RUNNING -> FAIL" atomic, and two workers
-            # failing one dead trial at once would queue two retries of it.
-            _fail_stale(study)
-            trials = study.get_trials(deepcopy=False)
-            finished = sum(t.state in FINISHED for t in trials)
-            queued = sum(t.state == TrialState.WAITING for t in trials)
-            running = sum(_counts_as_running(t, since, heartbeat) for t in trials)
-            if finished >= n_trials or _grid_exhausted(study):
-                return
-            if queued == 0 and finished + running >= n_trials:
-                if not heartbeat:
-                    return  # no heartbeat: nobody fails a dead worker's trial; do not wait on it
-                slot.release()
-                time.sleep(poll)  # others still run; one may die and its trial be retried
-                continue
-            with _quiet_optuna_warnings():
-                study.optimize(guarded, n_trials=1, catch=(_Surplus,), callbacks=callbacks)
-            slot.release()  # in case the trial was never created (ask failed)
+        with stop_on_signals(defer=True), _quiet_expected_tracebacks():
+            while deadline is None or time.time() < deadline:
+                try:
+                    raise_pending()
+                    slot.acquire()
+                    # Under the lock: SQLite cannot make "RUNNING -> FAIL" atomic, and two
+                    # workers failing one dead trial at once would queue two retries of it.
+                    _fail_stale(study)
+                    trials = study.get_trials(deepcopy=False)
+                    if outage is not None:
+                        _fail_orphans(study, trials, mine)
+                        outage = None
+                    mine.clear()
+                    _check_failures(trials, since, max_failed)
+                    finished = sum(t.state in FINISHED for t in trials)
+                    queued = sum(t.state == TrialState.WAITING for t in trials)
+                    running = sum(_counts_as_running(t, since, heartbeat) for t in trials)
+                    if finished >= n_trials or _grid_exhausted(study):
+                        return
+                    if queued == 0 and finished + running >= n_trials:
+                        if not heartbeat:
+                            return  # no heartbeat: nobody fails a dead worker's trial
+                        slot.release()
+                        time.sleep(poll)  # others still run; one may die and be retried
+                        continue
+                    with _quiet_optuna_warnings():
+                        # A failed trial is recorded with its error and the sweep goes on;
+                        # max_failed stops it when every trial fails.
+                        study.optimize(
+                            guarded, n_trials=1, catch=(Exception,), callbacks=callbacks
+                        )
+                    mine.clear()
+                except optuna.exceptions.UpdateFinishedTrialError as exc:
+                    # Our trial was failed as stale while the storage was away; its retry
+                    # stands in for it.
+                    log.warning("%s; its retry replaces it", error_line(exc))
+                except Exception as exc:
+                    cause = _storage_cause(exc)
+                    if cause is None:
+                        raise
+                    slot.release()
+                    outage = outage or _Outage(time.time(), storage_patience)
+                    outage.wait(cause)
+                finally:
+                    slot.release()  # in case the trial was never created (ask failed)
     finally:
         slot.close()
+
+
+def _storage_cause(exc: BaseException) -> BaseException | None:
+    """The lost-storage error behind `exc`: Optuna may raise another error (an assertion in
+    its trial clean-up) while handling it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, STORAGE_ERRORS):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _fail_orphans(study: optuna.Study, trials: Sequence[FrozenTrial], numbers: list[int]) -> None:
+    """This worker's trial whose end the storage missed: failed now, not left RUNNING until
+    its heartbeat goes stale (nobody would fail it once the study is full)."""
+    for t in trials:
+        if t.number in numbers and t.state == TrialState.RUNNING:
+            study._storage.set_trial_user_attr(t._trial_id, "storage_error", "lost its end")
+            with suppress(optuna.exceptions.UpdateFinishedTrialError):
+                study.tell(t.number, state=TrialState.FAIL)
+
+
+def _signum(exc: BaseException) -> int:
+    return int(getattr(exc, "signum", signal.SIGINT))
+
+
+class _Stop:
+    """Signal state shared by nested handlers (a sweep's and its in-process worker's)."""
+
+    seen = threading.Event()  # our code caught the Interrupted: stopping, ignore more signals
+    pending: int | None = None  # a signal that arrived between trials, raised at a safe point
+    in_trial = False  # the objective is running: raise at once, Optuna fails the trial
+
+
+def stop_seen(exc: BaseException) -> None:
+    """Call where an Interrupted is caught: the run is stopping, later signals are ignored."""
+    if isinstance(exc, KeyboardInterrupt):
+        _Stop.seen.set()
+
+
+@contextmanager
+def stop_on_signals(defer: bool = False) -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill PID`, a scheduler's stop) raise Interrupted, so
+    Optuna fails the running trial and records it, outputs are written and the same
+    command resumes.
+
+    With `defer` (a worker), a signal that arrives outside the objective waits for the
+    next safe point (`raise_pending`): raised inside Optuna's own storage writes it would
+    leave a trial RUNNING. Python swallows an exception raised inside a finalizer (a
+    weakref callback, `__del__`), so the signal is sent again a second later unless our
+    code has seen the exception by then."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        if _Stop.seen.is_set():
+            return
+        if defer and not _Stop.in_trial:
+            _Stop.pending = signum
+            return
+        timer = threading.Timer(1.0, _send_again, (signum,))
+        timer.daemon = True
+        timer.start()
+        raise Interrupted("terminated" if signum == signal.SIGTERM else "interrupted", signum)
+
+    def unraisable(args: Any) -> None:
+        if not isinstance(args.exc_value, Interrupted):  # swallowed ones are sent again
+            previous_hook(args)
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):  # the outermost handler
+        _Stop.seen.clear()
+        _Stop.pending = None
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        stop_seen(exc)
+        raise
+    finally:
+        sys.unraisablehook = previous_hook
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def raise_pending() -> None:
+    """Raise the signal that arrived between trials, if any."""
+    if _Stop.pending is not None and not _Stop.seen.is_set():
+        signum, _Stop.pending = _Stop.pending, None
+        raise Interrupted("terminated" if signum == signal.SIGTERM else "interrupted", signum)
+
+
+@contextmanager
+def _in_trial() -> Iterator[None]:
+    raise_pending()
+    _Stop.in_trial = True
+    try:
+        yield
+    finally:
+        _Stop.in_trial = False
+
+
+def _send_again(signum: int) -> None:
+    if not _Stop.seen.is_set():
+        os.kill(os.getpid(), signum)
+
+
+@contextmanager
+def _quiet_expected_tracebacks() -> Iterator[None]:
+    """One line, not a traceback, for faults the runner handles: Optuna's heartbeat thread
+    dying with the storage (its trial is retried once stale), and a trial failed by Ctrl-C
+    or SIGTERM. A trial failing with its own error keeps its traceback: that is a bug."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, STORAGE_ERRORS):
+            log.warning("heartbeat stopped: %s", error_line(args.exc_value))
+        else:
+            previous(args)
+
+    def no_interrupt_traceback(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info = None
+        return True
+
+    handlers = logging.getLogger("optuna").handlers
+    threading.excepthook = hook
+    for handler in handlers:
+        handler.addFilter(no_interrupt_traceback)
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+        for handler in handlers:
+            handler.removeFilter(no_interrupt_traceback)
+
+
+class _Outage:
+    """Backoff while the storage does not answer; SweepStopped once patience runs out."""
+
+    def __init__(self, start: float, patience: float) -> None:
+        self.start = start
+        self.patience = patience  # seconds
+        self.tries = 0
+
+    def wait(self, exc: BaseException) -> None:
+        waited = time.time() - self.start
+        if waited >= self.patience:
+            raise SweepStopped(
+                f"the storage did not answer for {waited:.0f} s ({error_line(exc)}); "
+                "the study holds every trial finished before: run the same command again "
+                "once it is back"
+            ) from None
+        delay = min(0.5 * 2**self.tries, 10.0, self.patience - waited)
+        self.tries += 1
+        log.warning("storage unreachable (%s); retrying in %.1f s", error_line(exc), delay)
+        time.sleep(max(delay, 0.0))
+
+
+def error_line(exc: BaseException) -> str:
+    """`Type: last line of the message`, passwords masked: what a log or user attr keeps."""
+    cause = getattr(exc, "orig", None) or exc.__cause__ or exc
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    return scrub_text(f"{type(cause).__name__}: {lines[0] if lines else ''}")[:500]
+
+
+def failed_with_error(
+    trials: Sequence[FrozenTrial], since: datetime.datetime
+) -> list[FrozenTrial]:
+    """Trials of this run that raised an error (not dead workers' trials, not pruned ones)."""
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL
+        and "error" in t.user_attrs
+        and t.datetime_start is not None
+        and t.datetime_start >= since
+    ]
+
+
+def _check_failures(
+    trials: Sequence[FrozenTrial], since: datetime.datetime, max_failed: int | None
+) -> None:
+    if max_failed is None:
+        return
+    failed = failed_with_error(trials, since)
+    if len(failed) >= max_failed:
+        last = max(failed, key=lambda t: t.number)
+        raise SweepStopped(
+            f"{len(failed)} trials failed with an error in this run (study.max_failed="
+            f"{max_failed}); last, trial {last.number}: {last.user_attrs['error']}; "
+            "fix the cause and run the same command again"
+        )
 
 
 class _SlotLock:
@@ -690,6 +1075,28 @@ def _counts_as_running(t: FrozenTrial, since: datetime.datetime, heartbeat: bool
 def _fail_stale(study: optuna.Study) -> None:
     with _quiet_optuna_warnings():
         optuna.storages.fail_stale_trials(study)
+    _fail_unstarted(study)
+
+
+def _fail_unstarted(study: optuna.Study) -> None:
+    """Fail RUNNING trials that never reached the objective and whose worker is gone.
+
+    Optuna only fails a trial whose heartbeat went stale; one whose worker lost the storage
+    between creating it and its first heartbeat has none and would stay RUNNING (and hold a
+    slot) for ever. Ours record a heartbeat and then the `worker` attribute before the
+    objective starts, so a trial without that attribute after a grace period is such a one."""
+    storage = study._storage
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    if interval is None:
+        return
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in a cache
+    grace = getattr(backend, "grace_period", None) or 2 * interval
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "worker" not in t.user_attrs and t.datetime_start and t.datetime_start < cutoff:
+            storage.set_trial_user_attr(t._trial_id, "storage_error", "never started")
+            with suppress(optuna.exceptions.UpdateFinishedTrialError):
+                study.tell(t.number, state=TrialState.FAIL)
 
 
 def _grid_exhausted(study: optuna.Study) -> bool:
@@ -728,14 +1135,20 @@ def _run_workers(
         while any(p.poll() is None for p in procs):
             progress.refresh()
             time.sleep(poll)
-    except BaseException:
-        _stop_workers(procs)
+    except BaseException as exc:
+        stop_seen(exc)
+        _stop_workers(procs, forward=getattr(exc, "signum", None) == signal.SIGTERM)
         raise
     return [cast(int, p.returncode) for p in procs]
 
 
-def _stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Ctrl-C reached the workers too (same process group); give them time to record it."""
+def _stop_workers(procs: list[subprocess.Popen[bytes]], forward: bool = False) -> None:
+    """Ctrl-C reached the workers too (same process group): give them time to record it.
+    A SIGTERM was sent to this process alone (`forward`): pass it on at once."""
+    if forward:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
     end = time.time() + STOP_WAIT_S / 2
     while time.time() < end and any(p.poll() is None for p in procs):
         time.sleep(0.1)
@@ -770,7 +1183,12 @@ def _worker_env(objective_path: str, n_workers: int) -> dict[str, str]:
 def worker_main() -> None:
     """Entry of a worker process: a JSON payload on stdin (config, objective, index)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    payload = json.loads(sys.stdin.read())
+    worker_run(json.loads(sys.stdin.read()))
+
+
+def worker_run(payload: dict[str, Any]) -> None:
+    """One worker on the study in `payload` (as run_sweep builds it, plus `index`): the loop
+    of the runner's worker processes and of the launcher's cluster jobs alike."""
     index = int(payload["index"])
     cfg = OmegaConf.create(payload["cfg"])
     OmegaConf.set_struct(cfg, True)
@@ -795,10 +1213,14 @@ def worker_main() -> None:
             poll=float(study_cfg.get("poll_interval", 1.0)),
             heartbeat=_heartbeat_enabled(storage),
             lock_path=Path(str(study_cfg.output_dir)) / SLOT_LOCK,
+            **fault_limits(study_cfg),
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         log.info("worker %d interrupted", index)
-        sys.exit(130)
+        sys.exit(128 + int(getattr(exc, "signum", signal.SIGINT)))
+    except SweepStopped as exc:
+        log.error("worker %d stopped: %s", index, exc)
+        sys.exit(1)
     log.info("worker %d done", index)
 
 
@@ -824,7 +1246,10 @@ class Progress:
         )
 
     def refresh(self) -> None:
-        trials = self.study.get_trials(deepcopy=False)
+        try:
+            trials = self.study.get_trials(deepcopy=False)
+        except STORAGE_ERRORS:
+            return  # the workers retry the storage; the bar waits for it too
         for t in trials:
             if t.state.is_finished() and t.number not in self.seen:
                 self.seen.add(t.number)
@@ -926,7 +1351,7 @@ def hydra_base_overrides(cfg: DictConfig) -> list[str]:
 
 def _is_sweep_override(override: str) -> bool:
     key = override.lstrip("+~").split("=", 1)[0]
-    return key == "sweep" or key.split(".")[0] in ("study", "search_space", "hydra")
+    return key == "sweep" or key.split(".")[0] in ("study", "search_space", "hydra", "launcher")
 
 
 def _leaf_diff(reference: DictConfig, cfg: DictConfig) -> list[tuple[str, Any]]:
@@ -938,7 +1363,7 @@ def _leaf_diff(reference: DictConfig, cfg: DictConfig) -> list[tuple[str, Any]]:
     def walk(a: Any, b: Any, prefix: str) -> None:
         for key, value in b.items():
             name = f"{prefix}{key}"
-            if not prefix and key in ("study", "search_space", "hydra"):
+            if not prefix and key in ("study", "search_space", "hydra", "launcher"):
                 continue
             if isinstance(value, dict) and isinstance(a.get(key), dict):
                 walk(a[key], value, f"{name}.")

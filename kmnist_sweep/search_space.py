@@ -86,6 +86,42 @@ def parse_space(
     return params
 
 
+def space_difference(
+    old: Mapping[str, Any] | DictConfig, new: Mapping[str, Any] | DictConfig
+) -> str | None:
+    """None when two search spaces search the same keys with the same types, bounds, steps
+    and choices (however they are written: dotted or nested keys, 1e-3 or 0.001, key order,
+    defaults spelled out or not); else the first difference, e.g.
+    "trainer.lr: float 0.0001..0.1 log there, float 0.001..0.1 log here"."""
+    try:
+        before = {p.name: p for p in parse_space(old)}
+    except ConfigError:
+        return "the stored search space is not one this version reads"
+    after = {p.name: p for p in parse_space(new)}
+    for name in list(before) + [n for n in after if n not in before]:
+        there, here = before.get(name), after.get(name)
+        if there != here:
+            return (
+                f"{name}: {describe(there) if there else 'not searched'} there, "
+                f"{describe(here) if here else 'not searched'} here"
+            )
+    return None
+
+
+def describe(param: Param) -> str:
+    """A param in a few words: "pow2 32..2048", "float 0.0001..0.1 log", "lr_finder x0.1..x10"."""
+    if param.type == "categorical":
+        return f"categorical {list(param.choices)}"
+    if param.type == "lr_finder":
+        return f"lr_finder x{param.low_factor:g}..x{param.high_factor:g}"
+    text = f"{param.type} {param.low:g}..{param.high:g}"
+    if param.log:
+        text += " log"
+    if param.step is not None:
+        text += f" step {param.step:g}"
+    return text
+
+
 def optuna_name(param: Param) -> str:
     """The name the objective suggests a param under: pow2 -> "<name>.log2" (the exponent),
     lr_finder -> "<name>.factor" (the multiple of the finder's LR), else the config key."""

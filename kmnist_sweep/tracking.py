@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 MODES = ("online", "offline", "disabled")
 TRIAL_STATES = ("complete", "pruned", "failed")
 MASK = "***"
+_service_up = False  # wandb's service process was started by a run of ours and not stopped
+_unreachable = False  # an online run could not start: this process writes offline runs
 
 # Key names whose values are secrets. A bare `key`/`..._key` counts, `monkey` does not.
 SECRET_KEY = re.compile(r"password|passwd|secret|token|api_?key|(?:^|[_.\-])key$", re.IGNORECASE)
@@ -143,6 +145,7 @@ class Tracker:
         self.entity: str | None = cfg.get("entity") or None
         # cfg.dir is ${study.output_dir} by default; wandb adds its own `wandb/` below it.
         self.dir = Path(str(cfg.get("dir") or output_dir))
+        self.init_timeout = float(cfg.get("init_timeout") or 30)  # seconds
         self.study_name = study_name
         self.run: Run | None = None
         self.broken = False  # a wandb call failed: stay quiet until the next trial
@@ -222,13 +225,37 @@ class Tracker:
         if not self.enabled:
             return
         self._finish(exit_code=1)
-        if "wandb" in sys.modules:  # never imported: nothing to stop
-            with self._guard("teardown"):
+        global _service_up
+        if _service_up:  # one service per process: a second tracker's close finds it stopped
+            _service_up = False
+            try:
                 sys.modules["wandb"].teardown()
+            except Exception as err:  # at exit wandb's own atexit hook may have run first
+                log.debug("wandb teardown: %s", _describe(err))
 
     # ---------------------------------------------------------------- wandb calls
 
     def _init(self, name: str, job_type: str, config: dict[str, Any]) -> Run:
+        global _unreachable
+        if self.mode == "online" and _unreachable:
+            self.mode = "offline"
+        try:
+            return self._start(name, job_type, config)
+        except Exception as err:
+            if self.mode != "online":
+                raise
+            # W&B is down or the key is refused: waiting init_timeout on every trial would
+            # cost more than the training, so keep the runs on disk instead.
+            log.warning(
+                "wandb is unreachable (%s); this process writes offline runs from now on, "
+                "upload them later with `wandb sync %s`",
+                _describe(err),
+                self.dir / "wandb",
+            )
+            _unreachable, self.mode = True, "offline"
+            return self._start(name, job_type, config)
+
+    def _start(self, name: str, job_type: str, config: dict[str, Any]) -> Run:
         # Read when wandb starts its service process: no banner lines on stdout, and in
         # offline mode no crash reports to Sentry either (offline means no network).
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -236,6 +263,8 @@ class Tracker:
             os.environ["WANDB_ERROR_REPORTING"] = "false"
         import wandb
 
+        global _service_up
+        _service_up = True
         self.dir.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(
             console="off",  # workers' own logs stay readable; no stdout capture thread
@@ -245,6 +274,7 @@ class Tracker:
             x_save_requirements=False,
             disable_code=True,
             disable_git=True,
+            init_timeout=self.init_timeout,
         )
         return wandb.init(
             project=self.project,

@@ -8,6 +8,8 @@ section in the config tunes it (all optional):
       sleep: 0.01            # seconds per epoch, so trials of several workers overlap
       kill_trial: null       # trial number whose worker SIGKILLs itself after epoch 1
       interrupt_trial: null  # trial number that raises KeyboardInterrupt (a Ctrl-C)
+      start_together: 0      # trials 0..N-1 wait (<= 60 s) until N trials run: N workers got one
+      raise_trials: []       # trial numbers that raise RuntimeError at epoch 1 ("all": every one)
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ def suggest(
     return values, positions
 
 
+def wait_until_running(study: optuna.Study, count: int, timeout: float = 60.0) -> None:
+    """Until `count` trials run at once: as a worker runs one at a time, each has one."""
+    end = time.time() + timeout
+    running = (optuna.trial.TrialState.RUNNING,)
+    while time.time() < end and len(study.get_trials(deepcopy=False, states=running)) < count:
+        time.sleep(0.05)
+
+
 def make_toy_objective(cfg: DictConfig) -> Callable[[optuna.Trial], float]:
     params = parse_space(cfg.search_space, cfg)
     toy = cfg.get("toy") or {}
@@ -70,6 +80,8 @@ def make_toy_objective(cfg: DictConfig) -> Callable[[optuna.Trial], float]:
     sleep = float(toy.get("sleep", 0.01))
     kill_trial = toy.get("kill_trial")
     interrupt_trial = toy.get("interrupt_trial")
+    together = int(toy.get("start_together", 0))
+    raise_trials = toy.get("raise_trials") or []
     metric = str(cfg.study.metric)
 
     def objective(trial: optuna.Trial) -> float:
@@ -79,6 +91,8 @@ def make_toy_objective(cfg: DictConfig) -> Callable[[optuna.Trial], float]:
         # Best near 30% of every range; the score rises with epochs like a training curve.
         quality = math.exp(-8.0 * sum((u - 0.3) ** 2 for u in positions) / max(len(positions), 1))
         score = 0.0
+        if trial.number < together:
+            wait_until_running(trial.study, together)
         for epoch in range(1, epochs + 1):
             time.sleep(sleep)
             score = 0.1 + 0.85 * quality * (1.0 - math.exp(-epoch / 2.0))
@@ -87,6 +101,8 @@ def make_toy_objective(cfg: DictConfig) -> Callable[[optuna.Trial], float]:
                 os.kill(os.getpid(), signal.SIGKILL)
             if trial.number == interrupt_trial:
                 raise KeyboardInterrupt
+            if raise_trials == "all" or trial.number in raise_trials:
+                raise RuntimeError(f"toy failure in trial {trial.number}")
             if trial.should_prune():
                 raise optuna.TrialPruned(f"{metric}={score:.4f} at epoch {epoch}")
         trial.set_user_attr("val", {metric: score})

@@ -1,0 +1,234 @@
+"""Worker jobs through submitit: `launcher=slurm` runs a study's workers as cluster jobs.
+
+    jobs = submit_workers(cfg, payload)    # payload as run_sweep builds it for its workers
+    status = wait(jobs, progress, poll)    # one per job: 0 = it ended well
+
+Why not Hydra's submitit launcher plugin: it runs one job per config of a multirun, while a
+study wants N identical workers that share its storage and take trials from it until the
+total is reached. Each job runs `runner.worker_run`, the loop of the runner's local worker
+processes, so a job that dies costs only its running trial (failed by heartbeat, retried by
+another worker). `executor: local` is submitit's LocalExecutor: the same job code, run as
+processes on this machine; the tests use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
+
+from omegaconf import DictConfig, OmegaConf
+
+from kmnist_sweep import runner
+from kmnist_sweep.errors import ConfigError
+
+if TYPE_CHECKING:
+    from submitit import AutoExecutor, Job
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("slurm", "local")  # submitit clusters that launcher.executor may name
+SLURM_OPTIONS = ("partition", "account", "qos", "constraint")  # null = the cluster's default
+
+
+def check(launcher_cfg: DictConfig) -> int:
+    """The number of worker jobs; a ConfigError for a config that cannot submit them."""
+    executor = str(launcher_cfg.get("executor"))
+    if executor not in EXECUTORS:
+        raise ConfigError(f"launcher.executor={executor!r} is not one of slurm, local")
+    jobs = _integer(launcher_cfg, "jobs", minimum=1)
+    slurm_parameters(launcher_cfg)  # every value has the right type
+    submitit = _import_submitit()
+    if executor == "slurm" and submitit.SlurmExecutor.affinity() <= 0:
+        raise ConfigError(
+            "launcher.executor=slurm: no SLURM here (srun not found); run this on a login "
+            "node, or set launcher.executor=local to run the jobs on this machine"
+        )
+    return jobs
+
+
+def slurm_parameters(launcher_cfg: DictConfig) -> dict[str, Any]:
+    """Our launcher config as keyword arguments of submitit's `update_parameters`."""
+    params: dict[str, Any] = {
+        "name": str(launcher_cfg.get("job_name") or "kmnist-sweep"),
+        "nodes": 1,
+        "tasks_per_node": 1,  # one worker process per job
+        "gpus_per_node": _integer(launcher_cfg, "gpus_per_job", minimum=0),
+        "timeout_min": _integer(launcher_cfg, "timeout_min", minimum=1),
+    }
+    if launcher_cfg.get("cpus_per_task") is not None:
+        params["cpus_per_task"] = _integer(launcher_cfg, "cpus_per_task", minimum=1)
+    if launcher_cfg.get("mem_gb") is not None:
+        try:
+            params["mem_gb"] = float(launcher_cfg.mem_gb)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"launcher.mem_gb={launcher_cfg.mem_gb!r} must be a number"
+            ) from None
+    for key in SLURM_OPTIONS:
+        if launcher_cfg.get(key) is not None:
+            params[f"slurm_{key}"] = str(launcher_cfg[key])
+    extra = launcher_cfg.get("additional_parameters") or {}
+    if extra:
+        params["slurm_additional_parameters"] = cast(
+            dict[str, Any], OmegaConf.to_container(extra, resolve=True)
+        )
+    return params
+
+
+def submit_workers(cfg: DictConfig, payload: dict[str, Any]) -> list[Job[None]]:
+    """Submit `launcher.jobs` jobs; job i runs worker i (sampler seed + i) of the payload."""
+    launcher_cfg = cfg.launcher
+    count = check(launcher_cfg)
+    executor = _make_executor(launcher_cfg)
+    local = str(launcher_cfg.executor) == "local"
+    # Jobs import this package and the objective's module from where this process did; local
+    # jobs share this machine's cores (OMP_NUM_THREADS), cluster jobs have their own.
+    env = runner._worker_env(str(payload["objective"]), count if local else 1)
+    with _environ(env), executor.batch():  # on SLURM: one job array
+        jobs = [executor.submit(run_job, dict(payload, index=i)) for i in range(count)]
+    log.info(
+        "submitted %d worker job(s) (%s): %s; logs in %s",
+        count,
+        launcher_cfg.executor,
+        " ".join(job.job_id for job in jobs),
+        executor.folder,
+    )
+    return jobs
+
+
+def run_job(payload: dict[str, Any]) -> None:
+    """What each job runs: the runner's worker loop, as worker `payload["index"]`."""
+    import submitit
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    index = int(payload["index"])
+    os.environ["KMNIST_SWEEP_WORKER"] = str(index)  # the `worker` user attribute of its trials
+    env = submitit.JobEnvironment()
+    log.info(
+        "worker %d is job %s on %s (CUDA_VISIBLE_DEVICES=%s)",
+        index,
+        env.job_id,
+        env.hostname,
+        os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    )
+    try:
+        runner.worker_run(payload)
+    except SystemExit as exc:  # interrupted or stopped: the job failed, the reason is logged
+        if exc.code:
+            raise RuntimeError(f"worker {index} exited with status {exc.code}") from None
+
+
+def wait(jobs: Sequence[Job[None]], progress: runner.Progress, poll: float) -> list[int]:
+    """Show progress until every job has ended; per job 0 (ended well) or 1 (failed, its log
+    named in an error line). On Ctrl-C or an error here, running jobs are cancelled first."""
+    try:
+        while not all(job.done() for job in jobs):
+            progress.refresh()
+            time.sleep(poll)
+    except BaseException as exc:
+        runner.stop_seen(exc)  # a Ctrl-C: later signals must not cut the cancelling short
+        cancel(jobs)
+        raise
+    return [_status(index, job) for index, job in enumerate(jobs)]
+
+
+def cancel(jobs: Sequence[Job[None]]) -> None:
+    """Stop the jobs still running. Ctrl-C reached local jobs too (same process group): they
+    get time to record their trials first. SLURM jobs get scancel's SIGTERM, which the
+    worker handles as Ctrl-C; a job killed anyway leaves its trial to the heartbeat."""
+    import submitit
+
+    if any(isinstance(job, submitit.LocalJob) for job in jobs):
+        _wait_done(jobs, runner.STOP_WAIT_S / 2)
+    for job in jobs:
+        if not job.done():
+            with contextlib.suppress(Exception):  # ended meanwhile, or scancel failed
+                job.cancel(check=False)
+    _wait_done(jobs, runner.STOP_WAIT_S)
+
+
+def _status(index: int, job: Job[None]) -> int:
+    error = job.exception()
+    if error is None:
+        return 0
+    log.error(
+        "worker job %d (%s) failed: %s; its log: %s",
+        index,
+        job.job_id,
+        _reason(error),
+        job.paths.stderr,
+    )
+    return 1
+
+
+def _reason(error: BaseException) -> str:
+    """The last line of the traceback inside submitit's many-line job error."""
+    lines = str(error).splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("-----")]
+    body = lines[rules[0] + 1 : rules[-1]] if len(rules) >= 2 else lines
+    body = [line.strip() for line in body if line.strip()]
+    return body[-1] if body else type(error).__name__
+
+
+def _wait_done(jobs: Sequence[Job[None]], seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end and not all(job.done() for job in jobs):
+        time.sleep(0.2)
+
+
+def _make_executor(launcher_cfg: DictConfig) -> AutoExecutor:
+    submitit = _import_submitit()
+    folder = Path(str(launcher_cfg.folder))
+    if not folder.exists():  # job pickles hold the resolved config, storage URL included
+        folder.mkdir(parents=True, mode=0o700)
+    executor = submitit.AutoExecutor(folder=folder, cluster=str(launcher_cfg.executor))
+    try:
+        executor.update_parameters(**slurm_parameters(launcher_cfg))
+    except (AssertionError, NameError, TypeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"launcher: submitit refused the job parameters: {first}") from None
+    return cast("AutoExecutor", executor)
+
+
+def _import_submitit() -> ModuleType:
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError(
+            "launcher=slurm needs submitit: pip install 'kmnist_sweep[slurm]'"
+        ) from None
+    return submitit
+
+
+def _integer(launcher_cfg: DictConfig, key: str, minimum: int) -> int:
+    value = launcher_cfg.get(key)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = minimum - 1
+    if number < minimum or str(number) != str(value).strip():
+        raise ConfigError(f"launcher.{key}={value!r} must be an integer >= {minimum}")
+    return number
+
+
+@contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    """os.environ as `env` while jobs are submitted: submitit and sbatch pass it on."""
+    changed = {key: value for key, value in env.items() if os.environ.get(key) != value}
+    old = {key: os.environ.get(key) for key in changed}
+    os.environ.update(changed)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
