@@ -172,8 +172,31 @@ def one_line(exc: BaseException, overrides: list[str]) -> str:
     return message
 
 
+def copy_study_cli(args: list[str]) -> None:
+    """`python -m kmnist_sweep copy-study FROM_URL TO_URL NAME`: move a study to another
+    storage (SQLite -> PostgreSQL), then run the sweep with study.storage=TO_URL."""
+    import argparse
+
+    from kmnist_sweep.runner import copy_study, mask_url
+
+    parser = argparse.ArgumentParser(prog="python -m kmnist_sweep copy-study")
+    parser.add_argument("from_url", help="storage holding the study, e.g. sqlite:///storage/x.db")
+    parser.add_argument("to_url", help="storage to copy it to, e.g. postgresql://user@host/db")
+    parser.add_argument("name", help="study name (study.name of the sweep)")
+    ns = parser.parse_args(args)
+    try:
+        count = copy_study(ns.name, ns.from_url, ns.to_url)
+    except UserError as exc:
+        print(f"kmnist_sweep: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(f"copied study {ns.name!r}: {count} trials to {mask_url(ns.to_url)}", flush=True)
+
+
 def main() -> None:
     global MODE
+    if len(sys.argv) > 1 and sys.argv[1] == "copy-study":
+        copy_study_cli(sys.argv[2:])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         MODE = "report"
         del sys.argv[1]

@@ -449,6 +449,39 @@ def check_study_config(study_cfg: DictConfig) -> int:
     return check_number("study.n_trials", study_cfg.get("n_trials"), whole=True, low=1)
 
 
+def copy_study(name: str, from_url: str, to_url: str) -> int:
+    """Copy study `name` with its trials and attributes (LR-finder curves, search space) to
+    another storage, e.g. SQLite -> PostgreSQL when a sweep outgrows one machine; the
+    number of trials copied. The source is left as it is; an existing study of that name
+    at the destination is an error, and so is a source with trials still running."""
+    source = open_storage(from_url)
+    try:
+        study = optuna.load_study(study_name=name, storage=source)
+    except KeyError:
+        raise ConfigError(f"no study {name!r} in {mask_url(from_url)}") from None
+    trials = study.get_trials(deepcopy=False)
+    running = [t.number for t in trials if t.state == TrialState.RUNNING]
+    if running:
+        raise ConfigError(
+            f"study {name!r} has running trials {running}: stop its sweep first (Ctrl-C), "
+            "or wait for it to end"
+        )
+    target = open_storage(to_url)
+    try:
+        target.get_study_id_from_name(name)
+    except KeyError:
+        pass
+    else:
+        raise ConfigError(f"study {name!r} already exists in {mask_url(to_url)}")
+    with _quiet_optuna_warnings():
+        optuna.copy_study(from_study_name=name, from_storage=source, to_storage=target)
+    copied = optuna.load_study(study_name=name, storage=target).get_trials(deepcopy=False)
+    if len(copied) != len(trials):  # never leave a half copy that looks like the study
+        optuna.delete_study(study_name=name, storage=target)
+        raise SweepStopped(f"copy of {name!r} held {len(copied)} of {len(trials)} trials")
+    return len(copied)
+
+
 def load_objective_factory(path: str) -> ObjectiveFactory:
     """`package.module:function` -> the function (study.objective in the config)."""
     module_name, _, attr = path.partition(":")
