@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import re
 import shlex
 import signal
 import sqlite3
@@ -96,8 +95,7 @@ class SweepSummary:
 
 def mask_url(url: str) -> str:
     """The URL with its password (and any `password=` query value) replaced by ***."""
-    masked = re.sub(r"(?i)(password=)[^&;\s]*", r"\1***", url)
-    return re.sub(r"(://[^/:@\s]*:)[^@/\s]*@", r"\1***@", masked)
+    return scrub_text(url)
 
 
 def open_storage(

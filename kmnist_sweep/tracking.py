@@ -40,9 +40,10 @@ _unreachable = False  # an online run could not start: this process writes offli
 SECRET_KEY = re.compile(r"password|passwd|secret|token|api_?key|(?:^|[_.\-])key$", re.IGNORECASE)
 # scheme://user:PASSWORD@host -> scheme://user:***@host (SQLAlchemy URLs, PostgreSQL DSNs).
 URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]*):[^/\s@]*@", re.IGNORECASE)
-# ?password=...&token=... in a URL's query string.
+# ?password=...&token=... in a URL's query string, or password=... in a libpq DSN.
 QUERY_SECRET = re.compile(
-    r"([?&][^=&#\s]*(?:password|passwd|secret|token|api_?key)[^=&#\s]*=)[^&#\s]*", re.IGNORECASE
+    r"((?:^|[?&;\s])[^=&#;\s]*(?:password|passwd|secret|token|api_?key)[^=&#;\s]*=)[^&#;\s]*",
+    re.IGNORECASE,
 )
 
 

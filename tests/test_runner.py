@@ -227,6 +227,7 @@ def test_mask_url_hides_passwords() -> None:
         mask_url("postgresql://db/x?password=s3cret&a=1") == "postgresql://db/x?password=***&a=1"
     )
     assert mask_url("sqlite:///storage/a.db") == "sqlite:///storage/a.db"
+    assert mask_url("host=db user=bob password=s3cret") == "host=db user=bob password=***"
 
 
 @pytest.mark.parametrize(

@@ -165,6 +165,13 @@ def unexplained_failures(study: optuna.Study) -> list[FrozenTrial]:
     ]
 
 
+def record(test: str, study: optuna.Study, **figures: object) -> None:
+    """One `FAULTS ...` line (shown with `pytest -s`): the figures of docs/operations.md.
+    Call it after assert_consistent, which is what makes "lost 0" true."""
+    extra = " ".join(f"{k}={v}" for k, v in figures.items())
+    print(f"FAULTS {test}: {dict(states(study))} {extra}", flush=True)
+
+
 def assert_consistent(study: optuna.Study, n_trials: int) -> None:
     """Nothing lost: the total reached exactly, nothing left running, every failure explained."""
     counts = states(study)

@@ -40,6 +40,7 @@ from tests.reliability.faults import (
     last_line,
     load,
     no_traceback,
+    record,
     run,
     small_tmpfs,
     states,
@@ -87,6 +88,7 @@ def test_eight_workers_share_one_sqlite_file_while_the_dashboard_reads(tmp_path:
         assert "database is locked" not in text and "Traceback" not in text, log
     assert reads.ok >= 3 and reads.errors == [], (reads.ok, reads.errors)
     assert sum(t["state"] in ("Complete", "Pruned") for t in final["trials"]) == n
+    record("8 workers, 1 SQLite file, dashboard", study, dashboard_reads=reads.ok)
 
 
 class DashboardReader:
@@ -159,6 +161,7 @@ def test_sigkill_of_a_worker_mid_trial_is_retried(tmp_path: Path) -> None:
     assert trials[victim].state == TrialState.FAIL
     retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == victim]
     assert len(retries) == 1 and retries[0].params == trials[victim].params
+    record("SIGKILL of a worker", study, killed_trial=victim)
 
 
 def _worker_pid(sweep: Sweep, index: str) -> int | None:
@@ -203,6 +206,7 @@ def test_a_stopped_sweep_records_its_trials_and_a_rerun_resumes(
     again = run(args, tmp_path)
     assert again.proc.returncode == 0, again.stderr
     assert_consistent(load(url, NAME), n)
+    record(f"{how}, {workers} worker(s)", load(url, NAME), finished_when_stopped=stopped_at)
 
 
 # --------------------------------------------------------------------------- training faults
@@ -233,6 +237,11 @@ def test_out_of_memory_at_random_steps_every_trial_completes_at_a_halved_batch(
         assert "trainer.batch_size=32" in t.user_attrs["overrides"]
         steps |= {h["detail"] for h in halvings}
     assert all("injected out of memory at epoch 1 step" in s for s in steps)
+    record(
+        "OOM at random steps",
+        study,
+        ooms=sum(len(t.user_attrs["batch_size/halvings"]) for t in study.trials),
+    )
 
 
 def test_a_diverging_loss_prunes_the_trial_with_its_reason(tmp_path: Path) -> None:
@@ -363,8 +372,7 @@ def pg_study() -> Iterator[tuple[Proxy, str, str]]:
     url = target.set(port=proxy.port).render_as_string(hide_password=False)
     name = f"faults-{uuid.uuid4().hex[:10]}"
     yield proxy, url, name
-    proxy.restore() if proxy.server is None else None
-    drop_study(PG_URL, name)
+    drop_study(PG_URL, name)  # directly, not through the proxy a test may have cut
     proxy.cut()
 
 
@@ -387,6 +395,7 @@ def test_storage_lost_mid_sweep_reconnects(
     assert_consistent(load(PG_URL, name), n)
     logs = "".join(p.read_text() for p in (tmp_path / "sweeps").rglob("worker-*.log"))
     assert "storage unreachable" in logs  # the cut did hit the workers
+    record("PostgreSQL cut for 4 s", load(PG_URL, name))
 
 
 @pytest.mark.postgres
