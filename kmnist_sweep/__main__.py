@@ -45,7 +45,7 @@ def report_only(cfg: DictConfig) -> None:
     import optuna
 
     from kmnist_sweep.report import report_sweep
-    from kmnist_sweep.runner import mask_url, open_storage
+    from kmnist_sweep.storage import mask_url, open_storage
 
     storage = open_storage(str(cfg.study.storage))
     try:
@@ -177,7 +177,7 @@ def copy_study_cli(args: list[str]) -> None:
     storage (SQLite -> PostgreSQL), then run the sweep with study.storage=TO_URL."""
     import argparse
 
-    from kmnist_sweep.runner import copy_study, mask_url
+    from kmnist_sweep.storage import copy_study, mask_url
 
     parser = argparse.ArgumentParser(prog="python -m kmnist_sweep copy-study")
     parser.add_argument("from_url", help="storage holding the study, e.g. sqlite:///storage/x.db")

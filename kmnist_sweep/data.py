@@ -159,7 +159,7 @@ def _load_release(cfg: DictConfig) -> Dataset:
     """KMNIST or K49 with their official train/test parts; valid is carved from train."""
     name, verify = str(cfg.name), bool(cfg.verify)
     fmt = str(cfg.format) if name == "kmnist" else "npz"  # K49 ships only as .npz
-    root = _resolve(cfg.root)
+    root = resolved_config(cfg.root)
     if fmt == "idx":
         directory = root / "KMNIST" / "raw"  # torchvision's layout: its downloads are reused
         names = {part: IDX_FILES[part] for part in ("train", "test")}
@@ -193,7 +193,7 @@ def _load_kmnist_sample(cfg: DictConfig) -> Dataset:
     The held-out part depends only on `split_seed`, so every run and trial is tested on the
     same images; the valid part follows the run's `seed` like every other dataset's.
     """
-    root = _resolve(cfg.root)
+    root = resolved_config(cfg.root)
     # Accept the plain folder (../shared/data/kmnist) or torchvision's <root>/KMNIST/raw.
     directory = next(
         (d for d in (root, root / "KMNIST" / "raw") if (d / IDX_FILES["test"][0]).is_file()), root
@@ -240,7 +240,7 @@ def _load_kkanji(cfg: DictConfig) -> Dataset:
     1 train + 1 test, 3 give 1 train + 1 valid + 1 test. The test part depends only on
     `split_seed`; valid follows the run's `seed`.
     """
-    root = _resolve(cfg.root)
+    root = resolved_config(cfg.root)
     url = str(cfg.mirror or OFFICIAL_URL + "kkanji")
     # No checksum is published for kkanji.tar; decoding checks every image instead.
     [tar_path] = ensure_files(root, [KKANJI_TAR], url, bool(cfg.download), verify=False)
@@ -327,7 +327,7 @@ def _fraction(value: Any, key: str) -> float:
     return fraction
 
 
-def _resolve(root: object) -> Path:
+def resolved_config(root: object) -> Path:
     """A relative data.root is taken from the current working directory (Hydra keeps it)."""
     return Path.cwd() / Path(str(root)).expanduser()
 
@@ -467,7 +467,7 @@ def read_kkanji(tar_path: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
     images, labels, codepoints = decode_kkanji_tar(tar_path)
     codes = np.array(codepoints)
     try:
-        _write_atomic(
+        write_atomic(
             cache,
             lambda f: np.savez(f, images=images, labels=labels, codepoints=codes, stamp=stamp),
         )
@@ -523,7 +523,7 @@ def _write_split_counts(path: Path, codepoints: list[int], counts: dict[str, np.
         train, valid, test = (counts[part][i] for part in ("train", "valid", "test"))
         rows.append(f"{i},U+{cp:04X},{chr(cp)},{train},{valid},{test}")
     text = "\n".join(rows) + "\n"
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,10 +651,10 @@ def _record_verified(path: Path, md5: str) -> None:
     stamps = _read_stamps(path.parent) | {path.name: [stat.st_size, stat.st_mtime_ns, md5]}
     text = json.dumps(stamps, indent=1, sort_keys=True)
     with contextlib.suppress(OSError):  # read-only folder (shared data): hash again next time
-        _write_atomic(path.parent / STAMP_FILE, lambda f: f.write(text.encode()))
+        write_atomic(path.parent / STAMP_FILE, lambda f: f.write(text.encode()))
 
 
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
+def write_atomic(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
     """Write through a per-process .part file, then rename: readers (other workers too) see
     the old file or the whole new one, never a partial one."""
     part = path.with_name(f"{path.name}.{os.getpid()}.part")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
-from kmnist_sweep import runner
+from kmnist_sweep import faults, runner
 from kmnist_sweep.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def wait(jobs: Sequence[Job[None]], progress: runner.Progress, poll: float) -> l
             progress.refresh()
             time.sleep(poll)
     except BaseException as exc:
-        runner.stop_seen(exc)  # a Ctrl-C: later signals must not cut the cancelling short
+        faults.stop_seen(exc)  # a Ctrl-C: later signals must not cut the cancelling short
         cancel(jobs)
         raise
     return [_status(index, job) for index, job in enumerate(jobs)]

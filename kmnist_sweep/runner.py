@@ -10,30 +10,22 @@ without a heartbeat and queued again (SQLite, PostgreSQL and MySQL storages).
 
 from __future__ import annotations
 
-import csv
 import datetime
 import importlib
 import importlib.util
-import io
 import json
 import logging
 import os
-import shlex
 import signal
-import sqlite3
 import subprocess
 import sys
-import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, cast
 
 import optuna
-import sqlalchemy
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -42,16 +34,41 @@ from tqdm import tqdm
 from kmnist_sweep import batch_size, lr_finder, report
 from kmnist_sweep.checks import check_choice, check_number, check_writable_dir
 from kmnist_sweep.errors import ConfigError, Interrupted, SweepStopped
+from kmnist_sweep.faults import (
+    STORAGE_PATIENCE_S,
+    Outage,
+    check_failures,
+    error_line,
+    in_trial,
+    quiet_expected_tracebacks,
+    raise_pending,
+    signum_of,
+    stop_on_signals,
+    stop_seen,
+)
+from kmnist_sweep.outputs import (
+    SweepSummary,
+    hydra_base_overrides,
+    resolved_config,
+    summarize,
+    write_atomic,
+    write_results,
+)
 from kmnist_sweep.search_space import (
     Param,
-    format_override_value,
     optuna_name,
     parse_space,
     pow2_exponents,
     space_difference,
-    to_overrides,
 )
-from kmnist_sweep.tracking import scrub, scrub_text
+from kmnist_sweep.storage import (
+    STORAGE_ERRORS,
+    mask_url,
+    open_storage,
+    quiet_optuna_warnings,
+    storage_cause,
+)
+from kmnist_sweep.tracking import scrub
 
 log = logging.getLogger(__name__)
 
@@ -59,197 +76,10 @@ Objective = Callable[[optuna.Trial], float]
 ObjectiveFactory = Callable[[DictConfig], Objective]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards study.n_trials
-SQLITE_BUSY_TIMEOUT_S = 60.0  # seconds a SQLite writer waits for the lock before failing
-OPEN_ATTEMPTS = 5  # tries to open a storage that answers "database is locked"
 STOP_WAIT_S = 10.0  # seconds workers get to record their trial after Ctrl-C
-STORAGE_PATIENCE_S = 600.0  # seconds a worker retries a storage that does not answer
-# What a storage that went away raises: lost connections, refused ones, failed commits.
-STORAGE_ERRORS: tuple[type[Exception], ...] = (
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    optuna.exceptions.StorageInternalError,
-)
 SLOT_LOCK = ".slots.lock"  # file under output_dir that workers on one host take turns on
 DEFAULT_OBJECTIVE = "kmnist_sweep.objective:make_objective"  # the real trainer, with a report
 WORKER_ENTRY = "from kmnist_sweep.runner import worker_main; worker_main()"
-
-
-@dataclass(frozen=True)
-class SweepSummary:
-    """What a run left in the study."""
-
-    study_name: str
-    storage: str  # URL with any password masked
-    n_trials: int  # the study's target total of finished trials
-    complete: int
-    pruned: int
-    failed: int
-    best_value: float | None
-    best_trial: int | None  # trial number
-    best_params: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value
-    output_dir: Path = Path(".")
-
-
-# --------------------------------------------------------------------------- storage
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password (and any `password=` query value) replaced by ***."""
-    return scrub_text(url)
-
-
-def open_storage(
-    url: str,
-    heartbeat_interval: int | None = None,
-    grace_period: int | None = None,
-    max_retry: int | None = 2,
-) -> BaseStorage:
-    """Open (creating if needed) the storage named by `url`.
-
-    `sqlite:///relative.db` / `sqlite:////abs.db`: parent folder created, WAL journal, a 60 s
-    busy timeout. Any other SQLAlchemy URL (postgresql://user@host/db) goes to RDBStorage
-    as is. `journal:///relative.log` / `journal:////abs.log`: Optuna's JournalFileBackend
-    (no heartbeat, so a killed worker's trial is not retried). With `heartbeat_interval`,
-    a running trial silent for `grace_period` seconds is failed and queued again, at most
-    `max_retry` times (None: no limit).
-    """
-    if url.startswith("journal:"):
-        return _open_journal(url)
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise ConfigError(
-            f"study.storage={mask_url(url)!r} is not a storage URL "
-            "(sqlite:///file.db, postgresql://user@host/db or journal:///file.log)"
-        ) from None
-    driver_url = _with_installed_driver(url, parsed)  # messages show the user's url
-    engine_kwargs: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database not in ("", ":memory:") and not database.startswith("file:"):
-            _prepare_sqlite_file(url, Path(database))
-        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
-    heartbeat: dict[str, Any] = {}
-    if heartbeat_interval is not None:
-        heartbeat = {
-            "heartbeat_interval": int(heartbeat_interval),
-            "grace_period": None if grace_period is None else int(grace_period),
-            **_retry_callback(max_retry),
-        }
-    for attempt in range(OPEN_ATTEMPTS):
-        try:
-            with _quiet_optuna_warnings():
-                return optuna.storages.RDBStorage(
-                    driver_url, engine_kwargs=engine_kwargs, **heartbeat
-                )
-        except Exception as exc:  # driver, network and schema errors all mean "cannot open"
-            if _is_lock_error(exc) and attempt + 1 < OPEN_ATTEMPTS:
-                time.sleep(0.2 * 2**attempt)
-                continue
-            if isinstance(exc, sqlalchemy.exc.NoSuchModuleError):
-                raise ConfigError(
-                    f"cannot open study.storage={mask_url(url)!r}: unknown database "
-                    f"{parsed.drivername!r} (sqlite:///file.db, postgresql://user@host/db or "
-                    "journal:///file.log)"
-                ) from None
-            raise ConfigError(
-                f"cannot open study.storage={mask_url(url)!r}: {_one_line(exc, url)}"
-            ) from None
-    raise AssertionError("unreachable")
-
-
-def _open_journal(url: str) -> BaseStorage:
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    path = url.removeprefix("journal:").removeprefix("//")
-    path = path[1:] if path.startswith("/") else path  # journal:///rel, journal:////abs
-    if not path:
-        raise ConfigError(f"study.storage={url!r}: journal URLs look like journal:///file.log")
-    if not Path(path).parent.is_dir():
-        check_writable_dir(Path(path).parent, f"cannot create the folder of study.storage={url!r}")
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
-    except OSError as exc:
-        raise ConfigError(f"cannot open study.storage={url!r}: {exc}") from None
-
-
-def _prepare_sqlite_file(url: str, path: Path) -> None:
-    """Create the folder and switch the file to WAL: readers no longer block the writer."""
-    if not path.parent.is_dir():
-        check_writable_dir(path.parent, f"cannot create the folder of study.storage={url!r}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the folder of study.storage={url!r}: {exc}") from None
-    for attempt in range(OPEN_ATTEMPTS):
-        try:
-            con = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)
-            try:
-                # Persistent: set once per file, kept by every later connection.
-                con.execute("PRAGMA journal_mode=WAL")
-            finally:
-                con.close()
-            return
-        except sqlite3.DatabaseError as exc:  # locked, unreadable, or not a database
-            if _is_lock_error(exc) and attempt + 1 < OPEN_ATTEMPTS:
-                time.sleep(0.2 * 2**attempt)
-                continue
-            raise ConfigError(f"cannot open study.storage={url!r}: {exc}") from None
-
-
-def _with_installed_driver(url: str, parsed: sqlalchemy.engine.URL) -> str:
-    """postgresql:// means psycopg (3) to SQLAlchemy >= 2.1; fall back to psycopg2 if that is
-    the driver installed (our `postgres` extra installs psycopg2-binary)."""
-    if parsed.drivername != "postgresql":
-        return url
-    if importlib.util.find_spec("psycopg") or not importlib.util.find_spec("psycopg2"):
-        return url
-    return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
-
-
-def _retry_callback(max_retry: int | None) -> dict[str, Any]:
-    retry = None if max_retry is None else int(max_retry)
-    with _quiet_optuna_warnings():
-        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9
-            callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retry)
-            return {"heartbeat_stale_trial_callback": callback}
-        callback = optuna.storages.RetryFailedTrialCallback(max_retry=retry)
-        return {"failed_trial_callback": callback}
-
-
-def _is_lock_error(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "database is locked" in text or "database is busy" in text
-
-
-def _one_line(exc: BaseException, url: str) -> str:
-    """First line of an error, type-named, with the URL's password scrubbed."""
-    if isinstance(exc, ImportError):
-        return "its database driver is not installed (PostgreSQL: pip install psycopg2-binary)"
-    cause = getattr(exc, "orig", None) or exc
-    lines = str(cause).strip().splitlines() or [""]
-    text = f"{type(cause).__name__}: {lines[0]}"
-    password = _password(url)
-    return text.replace(password, "***") if password else text
-
-
-def _password(url: str) -> str | None:
-    try:
-        return sqlalchemy.engine.make_url(url).password  # type: ignore[return-value]
-    except sqlalchemy.exc.ArgumentError:
-        return None
-
-
-@contextmanager
-def _quiet_optuna_warnings() -> Iterator[None]:
-    """Heartbeats and fail_stale_trials are 'experimental' in Optuna; say so once, in docs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        yield
 
 
 # --------------------------------------------------------------------------- study
@@ -268,7 +98,7 @@ def build_sampler(
     seed = sampler_cfg.get("seed")
     seed = None if seed is None else int(seed) + seed_offset
     n_startup = int(sampler_cfg.get("n_startup_trials", 10))
-    with _quiet_optuna_warnings():
+    with quiet_optuna_warnings():
         if kind == "tpe":
             # constant_liar: parallel workers treat running trials as bad, so they spread out.
             return optuna.samplers.TPESampler(
@@ -447,39 +277,6 @@ def check_study_config(study_cfg: DictConfig) -> int:
     return check_number("study.n_trials", study_cfg.get("n_trials"), whole=True, low=1)
 
 
-def copy_study(name: str, from_url: str, to_url: str) -> int:
-    """Copy study `name` with its trials and attributes (LR-finder curves, search space) to
-    another storage, e.g. SQLite -> PostgreSQL when a sweep outgrows one machine; the
-    number of trials copied. The source is left as it is; an existing study of that name
-    at the destination is an error, and so is a source with trials still running."""
-    source = open_storage(from_url)
-    try:
-        study = optuna.load_study(study_name=name, storage=source)
-    except KeyError:
-        raise ConfigError(f"no study {name!r} in {mask_url(from_url)}") from None
-    trials = study.get_trials(deepcopy=False)
-    running = [t.number for t in trials if t.state == TrialState.RUNNING]
-    if running:
-        raise ConfigError(
-            f"study {name!r} has running trials {running}: stop its sweep first (Ctrl-C), "
-            "or wait for it to end"
-        )
-    target = open_storage(to_url)
-    try:
-        target.get_study_id_from_name(name)
-    except KeyError:
-        pass
-    else:
-        raise ConfigError(f"study {name!r} already exists in {mask_url(to_url)}")
-    with _quiet_optuna_warnings():
-        optuna.copy_study(from_study_name=name, from_storage=source, to_storage=target)
-    copied = optuna.load_study(study_name=name, storage=target).get_trials(deepcopy=False)
-    if len(copied) != len(trials):  # never leave a half copy that looks like the study
-        optuna.delete_study(study_name=name, storage=target)
-        raise SweepStopped(f"copy of {name!r} held {len(copied)} of {len(trials)} trials")
-    return len(copied)
-
-
 def load_objective_factory(path: str) -> ObjectiveFactory:
     """`package.module:function` -> the function (study.objective in the config)."""
     module_name, _, attr = path.partition(":")
@@ -524,7 +321,7 @@ def run_sweep(
             "worker processes need an importable objective factory: set study.objective"
         )
     factory = objective_factory or load_objective_factory(str(objective_path))
-    resolved = _resolve(cfg)
+    resolved = resolved_config(cfg)
     sampler = build_sampler(study_cfg.sampler, params)
     pruner = build_pruner(study_cfg.pruner)
     if objective_path == DEFAULT_OBJECTIVE:  # the real trainer: its values and data, now
@@ -543,7 +340,7 @@ def run_sweep(
         study_cfg, storage, sampler, pruner, search_space=resolved["search_space"]
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(scrub(resolved))))
+    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(scrub(resolved))))
     if objective_path == DEFAULT_OBJECTIVE:  # the finder trains our engine; toys need none
         lr_finder.prepare(study, cfg, [p.name for p in params if p.type == "lr_finder"])
     if base_overrides is None:
@@ -608,7 +405,7 @@ def run_sweep(
         progress.close()
         optuna.logging.set_verbosity(verbosity)
         try:
-            _write_results(study, cfg, out_dir, list(base_overrides))
+            write_results(study, cfg, out_dir, list(base_overrides))
             if objective_path == DEFAULT_OBJECTIVE and cfg.study.get("report", True):
                 page = report.report_sweep(study, cfg)
                 log.info("report: %s", page)
@@ -636,7 +433,7 @@ def run_sweep(
     exhausted = _grid_exhausted(study)
     timed_out = deadline is not None and time.time() >= deadline
     if finished < n_trials and not exhausted and not timed_out:
-        _check_failures(trials, since, fault_limits(study_cfg)["max_failed"])
+        check_failures(trials, since, fault_limits(study_cfg)["max_failed"])
         crashed = [f"worker {i} exited with {rc}" for i, rc in enumerate(worker_status) if rc]
         raise SweepStopped(
             f"study {study.study_name} stopped at {finished}/{n_trials} finished trials"
@@ -783,7 +580,7 @@ def work(
             if heartbeat:  # before `worker`: see _fail_unstarted
                 cast(Any, study._storage).record_heartbeat(trial._trial_id)
             trial.set_user_attr("worker", os.environ.get("KMNIST_SWEEP_WORKER", "0"))
-            with _in_trial():
+            with in_trial():
                 return objective(trial)
         except (optuna.TrialPruned, _Surplus):
             raise
@@ -793,17 +590,17 @@ def work(
             raise
         except KeyboardInterrupt as exc:
             stop_seen(exc)
-            trial.set_user_attr("interrupted", signal.Signals(_signum(exc)).name)
+            trial.set_user_attr("interrupted", signal.Signals(signum_of(exc)).name)
             raise
         except Exception as exc:  # the trial's own failure, counted against max_failed
             trial.set_user_attr("error", error_line(exc))
             raise
 
     callbacks = [lambda _s, _t: on_trial_end()] if on_trial_end else []
-    outage: _Outage | None = None
+    outage: Outage | None = None
     mine: list[int] = []  # this worker's trial, while the objective runs
     try:
-        with stop_on_signals(defer=True), _quiet_expected_tracebacks():
+        with stop_on_signals(defer=True), quiet_expected_tracebacks():
             while deadline is None or time.time() < deadline:
                 try:
                     raise_pending()
@@ -816,7 +613,7 @@ def work(
                         _fail_orphans(study, trials, mine)
                         outage = None
                     mine.clear()
-                    _check_failures(trials, since, max_failed)
+                    check_failures(trials, since, max_failed)
                     finished = sum(t.state in FINISHED for t in trials)
                     queued = sum(t.state == TrialState.WAITING for t in trials)
                     running = sum(_counts_as_running(t, since, heartbeat) for t in trials)
@@ -828,7 +625,7 @@ def work(
                         slot.release()
                         time.sleep(poll)  # others still run; one may die and be retried
                         continue
-                    with _quiet_optuna_warnings():
+                    with quiet_optuna_warnings():
                         # A failed trial is recorded with its error and the sweep goes on;
                         # max_failed stops it when every trial fails.
                         study.optimize(
@@ -840,27 +637,16 @@ def work(
                     # stands in for it.
                     log.warning("%s; its retry replaces it", error_line(exc))
                 except Exception as exc:
-                    cause = _storage_cause(exc)
+                    cause = storage_cause(exc)
                     if cause is None:
                         raise
                     slot.release()
-                    outage = outage or _Outage(time.time(), storage_patience)
+                    outage = outage or Outage(time.time(), storage_patience)
                     outage.wait(cause)
                 finally:
                     slot.release()  # in case the trial was never created (ask failed)
     finally:
         slot.close()
-
-
-def _storage_cause(exc: BaseException) -> BaseException | None:
-    """The lost-storage error behind `exc`: Optuna may raise another error (an assertion in
-    its trial clean-up) while handling it."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, STORAGE_ERRORS):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def _fail_orphans(study: optuna.Study, trials: Sequence[FrozenTrial], numbers: list[int]) -> None:
@@ -871,180 +657,6 @@ def _fail_orphans(study: optuna.Study, trials: Sequence[FrozenTrial], numbers: l
             study._storage.set_trial_user_attr(t._trial_id, "storage_error", "lost its end")
             with suppress(optuna.exceptions.UpdateFinishedTrialError):
                 study.tell(t.number, state=TrialState.FAIL)
-
-
-def _signum(exc: BaseException) -> int:
-    return int(getattr(exc, "signum", signal.SIGINT))
-
-
-class _Stop:
-    """Signal state shared by nested handlers (a sweep's and its in-process worker's)."""
-
-    seen = threading.Event()  # our code caught the Interrupted: stopping, ignore more signals
-    pending: int | None = None  # a signal that arrived between trials, raised at a safe point
-    in_trial = False  # the objective is running: raise at once, Optuna fails the trial
-
-
-def stop_seen(exc: BaseException) -> None:
-    """Call where an Interrupted is caught: the run is stopping, later signals are ignored."""
-    if isinstance(exc, KeyboardInterrupt):
-        _Stop.seen.set()
-
-
-@contextmanager
-def stop_on_signals(defer: bool = False) -> Iterator[None]:
-    """Ctrl-C (SIGINT) and SIGTERM (`kill PID`, a scheduler's stop) raise Interrupted, so
-    Optuna fails the running trial and records it, outputs are written and the same
-    command resumes.
-
-    With `defer` (a worker), a signal that arrives outside the objective waits for the
-    next safe point (`raise_pending`): raised inside Optuna's own storage writes it would
-    leave a trial RUNNING. Python swallows an exception raised inside a finalizer (a
-    weakref callback, `__del__`), so the signal is sent again a second later unless our
-    code has seen the exception by then."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        if _Stop.seen.is_set():
-            return
-        if defer and not _Stop.in_trial:
-            _Stop.pending = signum
-            return
-        timer = threading.Timer(1.0, _send_again, (signum,))
-        timer.daemon = True
-        timer.start()
-        raise Interrupted("terminated" if signum == signal.SIGTERM else "interrupted", signum)
-
-    def unraisable(args: Any) -> None:
-        if not isinstance(args.exc_value, Interrupted):  # swallowed ones are sent again
-            previous_hook(args)
-
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):  # the outermost handler
-        _Stop.seen.clear()
-        _Stop.pending = None
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
-    try:
-        yield
-    except KeyboardInterrupt as exc:
-        stop_seen(exc)
-        raise
-    finally:
-        sys.unraisablehook = previous_hook
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def raise_pending() -> None:
-    """Raise the signal that arrived between trials, if any."""
-    if _Stop.pending is not None and not _Stop.seen.is_set():
-        signum, _Stop.pending = _Stop.pending, None
-        raise Interrupted("terminated" if signum == signal.SIGTERM else "interrupted", signum)
-
-
-@contextmanager
-def _in_trial() -> Iterator[None]:
-    raise_pending()
-    _Stop.in_trial = True
-    try:
-        yield
-    finally:
-        _Stop.in_trial = False
-
-
-def _send_again(signum: int) -> None:
-    if not _Stop.seen.is_set():
-        os.kill(os.getpid(), signum)
-
-
-@contextmanager
-def _quiet_expected_tracebacks() -> Iterator[None]:
-    """One line, not a traceback, for faults the runner handles: Optuna's heartbeat thread
-    dying with the storage (its trial is retried once stale), and a trial failed by Ctrl-C
-    or SIGTERM. A trial failing with its own error keeps its traceback: that is a bug."""
-    previous = threading.excepthook
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        if isinstance(args.exc_value, STORAGE_ERRORS):
-            log.warning("heartbeat stopped: %s", error_line(args.exc_value))
-        else:
-            previous(args)
-
-    def no_interrupt_traceback(record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
-            record.exc_info = None
-        return True
-
-    handlers = logging.getLogger("optuna").handlers
-    threading.excepthook = hook
-    for handler in handlers:
-        handler.addFilter(no_interrupt_traceback)
-    try:
-        yield
-    finally:
-        threading.excepthook = previous
-        for handler in handlers:
-            handler.removeFilter(no_interrupt_traceback)
-
-
-class _Outage:
-    """Backoff while the storage does not answer; SweepStopped once patience runs out."""
-
-    def __init__(self, start: float, patience: float) -> None:
-        self.start = start
-        self.patience = patience  # seconds
-        self.tries = 0
-
-    def wait(self, exc: BaseException) -> None:
-        waited = time.time() - self.start
-        if waited >= self.patience:
-            raise SweepStopped(
-                f"the storage did not answer for {waited:.0f} s ({error_line(exc)}); "
-                "the study holds every trial finished before: run the same command again "
-                "once it is back"
-            ) from None
-        delay = min(0.5 * 2**self.tries, 10.0, self.patience - waited)
-        self.tries += 1
-        log.warning("storage unreachable (%s); retrying in %.1f s", error_line(exc), delay)
-        time.sleep(max(delay, 0.0))
-
-
-def error_line(exc: BaseException) -> str:
-    """`Type: last line of the message`, passwords masked: what a log or user attr keeps."""
-    cause = getattr(exc, "orig", None) or exc.__cause__ or exc
-    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
-    return scrub_text(f"{type(cause).__name__}: {lines[0] if lines else ''}")[:500]
-
-
-def failed_with_error(
-    trials: Sequence[FrozenTrial], since: datetime.datetime
-) -> list[FrozenTrial]:
-    """Trials of this run that raised an error (not dead workers' trials, not pruned ones)."""
-    return [
-        t
-        for t in trials
-        if t.state == TrialState.FAIL
-        and "error" in t.user_attrs
-        and t.datetime_start is not None
-        and t.datetime_start >= since
-    ]
-
-
-def _check_failures(
-    trials: Sequence[FrozenTrial], since: datetime.datetime, max_failed: int | None
-) -> None:
-    if max_failed is None:
-        return
-    failed = failed_with_error(trials, since)
-    if len(failed) >= max_failed:
-        last = max(failed, key=lambda t: t.number)
-        raise SweepStopped(
-            f"{len(failed)} trials failed with an error in this run (study.max_failed="
-            f"{max_failed}); last, trial {last.number}: {last.user_attrs['error']}; "
-            "fix the cause and run the same command again"
-        )
 
 
 class _SlotLock:
@@ -1104,7 +716,7 @@ def _counts_as_running(t: FrozenTrial, since: datetime.datetime, heartbeat: bool
 
 
 def _fail_stale(study: optuna.Study) -> None:
-    with _quiet_optuna_warnings():
+    with quiet_optuna_warnings():
         optuna.storages.fail_stale_trials(study)
     _fail_unstarted(study)
 
@@ -1312,172 +924,3 @@ def describe_trial(t: FrozenTrial, metric: str) -> str:
         value = f" at epoch {step}: {metric}={t.intermediate_values[step]:.4f}"
     seconds = f" ({t.duration.total_seconds():.1f} s)" if t.duration else ""
     return f"trial {t.number} {t.state.name.lower()}{value} {' '.join(overrides)}{seconds}"
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def summarize(study: optuna.Study, n_trials: int, storage: str, out_dir: Path) -> SweepSummary:
-    trials = study.get_trials(deepcopy=False)
-    best = _best_trial(study)
-    return SweepSummary(
-        study_name=study.study_name,
-        storage=storage,
-        n_trials=n_trials,
-        complete=sum(t.state == TrialState.COMPLETE for t in trials),
-        pruned=sum(t.state == TrialState.PRUNED for t in trials),
-        failed=sum(t.state == TrialState.FAIL for t in trials),
-        best_value=None if best is None else best.value,
-        best_trial=None if best is None else best.number,
-        best_params={} if best is None else trial_values(best),
-        output_dir=out_dir,
-    )
-
-
-def _best_trial(study: optuna.Study) -> FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
-
-
-def trial_values(t: FrozenTrial) -> dict[str, Any]:
-    """The config values a trial ran with: from the `overrides` the objective recorded
-    (exact, e.g. the LR an lr_finder factor led to), else decoded from its params."""
-    recorded = t.user_attrs.get("overrides")
-    if recorded:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        parsed = OverridesParser.create().parse_overrides(list(recorded))
-        return {o.key_or_group: o.value() for o in parsed}
-    values: dict[str, Any] = {}
-    for name, value in t.params.items():
-        if name.endswith(".log2"):
-            values[name.removesuffix(".log2")] = 2 ** int(value)
-        else:
-            values[name] = value
-    return values
-
-
-def hydra_base_overrides(cfg: DictConfig) -> list[str]:
-    """Overrides that rebuild this config without the sweep: the command line's own, plus
-    every value the sweep file set outside study/search_space (e.g. trainer.epochs=3)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hydra_cfg = HydraConfig.get()
-    except (ImportError, ValueError):
-        return []
-    task = [o for o in hydra_cfg.overrides.task if not _is_sweep_override(o)]
-    try:
-        from hydra import compose
-
-        reference = compose(config_name=str(hydra_cfg.job.config_name), overrides=task)
-    except Exception:  # no global Hydra (compose outside an app): keep what we know
-        return task
-    return task + [
-        f"{key}={format_override_value(value)}" for key, value in _leaf_diff(reference, cfg)
-    ]
-
-
-def _is_sweep_override(override: str) -> bool:
-    key = override.lstrip("+~").split("=", 1)[0]
-    return key == "sweep" or key.split(".")[0] in ("study", "search_space", "hydra", "launcher")
-
-
-def _leaf_diff(reference: DictConfig, cfg: DictConfig) -> list[tuple[str, Any]]:
-    """(dotted key, value) where cfg differs from reference, interpolations unresolved."""
-    ref = cast(dict[str, Any], OmegaConf.to_container(reference, resolve=False))
-    new = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=False))
-    out: list[tuple[str, Any]] = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        for key, value in b.items():
-            name = f"{prefix}{key}"
-            if not prefix and key in ("study", "search_space", "hydra", "launcher"):
-                continue
-            if isinstance(value, dict) and isinstance(a.get(key), dict):
-                walk(a[key], value, f"{name}.")
-            elif key not in a or a[key] != value:
-                out.append((name, value))
-
-    walk(ref, new, "")
-    return out
-
-
-def _write_results(
-    study: optuna.Study, cfg: DictConfig, out_dir: Path, base_overrides: list[str]
-) -> None:
-    trials = study.get_trials(deepcopy=False)
-    _write_atomic(out_dir / "trials.csv", trials_csv(trials))
-    best = _best_trial(study)
-    if best is None:
-        return
-    _write_atomic(out_dir / "best.yaml", best_yaml(study, cfg, best, base_overrides))
-
-
-def trials_csv(trials: Sequence[FrozenTrial]) -> str:
-    """One row per trial: number, state, value, duration, params, user attributes."""
-    rows = []
-    for t in trials:
-        row: dict[str, Any] = {
-            "number": t.number,
-            "state": t.state.name,
-            "value": t.value,
-            "duration_s": None if t.duration is None else round(t.duration.total_seconds(), 3),
-            "epochs_reported": len(t.intermediate_values),
-            "retry_of": t.system_attrs.get("failed_trial"),
-        }
-        row.update(trial_values(t))
-        for key, value in t.user_attrs.items():
-            if key == "overrides":
-                row[key] = " ".join(value)
-            elif isinstance(value, dict):
-                row.update({k if "/" in k else f"{key}.{k}": v for k, v in value.items()})
-            else:
-                row[key] = value
-        rows.append(row)
-    columns = list(dict.fromkeys(key for row in rows for key in row)) or ["number", "state"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def best_yaml(
-    study: optuna.Study, cfg: DictConfig, best: FrozenTrial, base_overrides: Sequence[str]
-) -> str:
-    values = trial_values(best)
-    trial_overrides = list(best.user_attrs.get("overrides") or to_overrides(values))
-    searched = {o.split("=", 1)[0] for o in trial_overrides}
-    overrides = [o for o in base_overrides if o.lstrip("+~").split("=", 1)[0] not in searched]
-    overrides += trial_overrides
-    command = "python -m kmnist_sweep " + " ".join(shlex.quote(o) for o in overrides)
-    body = {
-        "study": study.study_name,
-        "storage": mask_url(str(cfg.study.storage)),
-        "metric": str(cfg.study.metric),
-        "direction": str(cfg.study.direction),
-        "value": best.value,
-        "trial": best.number,
-        "params": values,
-        "overrides": overrides,
-    }
-    header = f"# Best trial of study {study.study_name}. Retrain it with:\n#   {command}\n"
-    return header + OmegaConf.to_yaml(OmegaConf.create(body))
-
-
-def _resolve(cfg: DictConfig) -> dict[str, Any]:
-    try:
-        return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
-    except Exception as exc:
-        raise ConfigError(f"the config does not resolve: {str(exc).splitlines()[0]}") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
