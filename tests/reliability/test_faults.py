@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from tests.reliability.faults import (
+from tests.reliability.harness import (
     FULL,
     PG_URL,
     Proxy,

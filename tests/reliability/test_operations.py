@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.faults import (
+from tests.reliability.harness import (
     PG_URL,
     assert_consistent,
     drop_study,
