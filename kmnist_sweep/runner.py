@@ -412,7 +412,7 @@ def run_sweep(
         except Exception as exc:  # never hide the original error behind a reporting one
             log.warning("could not write %s: %s", out_dir, error_line(exc))
     if isinstance(stopped, KeyboardInterrupt):
-        signum = int(getattr(stopped, "signum", signal.SIGINT))
+        signum = signum_of(stopped)
         how = "terminated" if signum == signal.SIGTERM else "interrupted"
         raise Interrupted(
             f"study {study.study_name} {how} at {_finished_text(study, n_trials)} finished "
@@ -780,7 +780,7 @@ def _run_workers(
             time.sleep(poll)
     except BaseException as exc:
         stop_seen(exc)
-        _stop_workers(procs, forward=getattr(exc, "signum", None) == signal.SIGTERM)
+        _stop_workers(procs, forward=signum_of(exc) == signal.SIGTERM)
         raise
     return [cast(int, p.returncode) for p in procs]
 
@@ -860,7 +860,7 @@ def worker_run(payload: dict[str, Any]) -> None:
         )
     except KeyboardInterrupt as exc:
         log.info("worker %d interrupted", index)
-        sys.exit(128 + int(getattr(exc, "signum", signal.SIGINT)))
+        sys.exit(128 + signum_of(exc))
     except SweepStopped as exc:
         log.error("worker %d stopped: %s", index, exc)
         sys.exit(1)
