@@ -654,9 +654,15 @@ def _fail_orphans(study: optuna.Study, trials: Sequence[FrozenTrial], numbers: l
     its heartbeat goes stale (nobody would fail it once the study is full)."""
     for t in trials:
         if t.number in numbers and t.state == TrialState.RUNNING:
-            study._storage.set_trial_user_attr(t._trial_id, "storage_error", "lost its end")
-            with suppress(optuna.exceptions.UpdateFinishedTrialError):
-                study.tell(t.number, state=TrialState.FAIL)
+            _fail_lost(study, t, "lost its end")
+
+
+def _fail_lost(study: optuna.Study, t: FrozenTrial, why: str) -> None:
+    """Fail a RUNNING trial the storage lost track of, saying why (`storage_error`); another
+    worker failing it first is fine."""
+    study._storage.set_trial_user_attr(t._trial_id, "storage_error", why)
+    with suppress(optuna.exceptions.UpdateFinishedTrialError):
+        study.tell(t.number, state=TrialState.FAIL)
 
 
 class _SlotLock:
@@ -729,17 +735,15 @@ def _fail_unstarted(study: optuna.Study) -> None:
     slot) for ever. Ours record a heartbeat and then the `worker` attribute before the
     objective starts, so a trial without that attribute after a grace period is such a one."""
     storage = study._storage
-    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
-    if interval is None:
+    if not _heartbeat_enabled(storage):
         return
+    interval = int(cast(Any, storage).get_heartbeat_interval())
     backend = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in a cache
     grace = getattr(backend, "grace_period", None) or 2 * interval
     cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if "worker" not in t.user_attrs and t.datetime_start and t.datetime_start < cutoff:
-            storage.set_trial_user_attr(t._trial_id, "storage_error", "never started")
-            with suppress(optuna.exceptions.UpdateFinishedTrialError):
-                study.tell(t.number, state=TrialState.FAIL)
+            _fail_lost(study, t, "never started")
 
 
 def _grid_exhausted(study: optuna.Study) -> bool:
