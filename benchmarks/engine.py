@@ -28,8 +28,8 @@ from omegaconf import DictConfig
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kmnist_sweep import engine  # noqa: E402
-from kmnist_sweep.data import Dataset, Split, load_dataset  # noqa: E402
+from kmnist_sweep.data.datasets import Dataset, Split, load_dataset  # noqa: E402
+from kmnist_sweep.train import engine  # noqa: E402
 
 
 def compose_cfg(*overrides: str) -> DictConfig:

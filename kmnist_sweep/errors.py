@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 
+from kmnist_sweep.masking import scrub_text
+
 
 class UserError(Exception):
     """Bad input (config, files, URLs, storage): __main__ prints it on one line and exits 2."""
@@ -34,3 +36,19 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + int(self.signum)
+
+
+def error_line(exc: BaseException, *, typed: bool = True, last: bool = False) -> str:
+    """An error as one line for a message, a log or a trial attribute, secrets masked.
+
+    typed:  `Type: first line` of the error behind it (a driver's `orig`, or the cause);
+            otherwise the whole message of `exc` itself with its whitespace collapsed.
+    last:   the last line instead of the first (fastai prefixes a callback's error with
+            "Exception occured in ...:", so the original message is the last line).
+    """
+    if not typed:
+        return scrub_text(" ".join(str(exc).split()) or type(exc).__name__)
+    cause = exc if last else (getattr(exc, "orig", None) or exc.__cause__ or exc)
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    text = (lines[-1] if last else lines[0]) if lines else ""
+    return scrub_text(f"{type(cause).__name__}: {text}")[:500]

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from kmnist_sweep.data import BYTES
-from kmnist_sweep.search_space import space_difference
+from kmnist_sweep.config.search_space import space_difference
+from kmnist_sweep.data.download import BYTES
 from tests.synth_files import IDX_NAMES, balanced_labels, labelled_images, write_idx_gz
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,32 +8,42 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kmnist_sweep import batch_size, engine
-from kmnist_sweep.data import load_dataset
+from kmnist_sweep.config.check import check_batch_sizes
+from kmnist_sweep.config.schema import SCHEMA
+from kmnist_sweep.data.datasets import load_dataset
 from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.train import batch_size, engine
 
-LIMITS = OmegaConf.create({"min": 16, "max": 4096})
+
+def check_batch(value: object) -> None:
+    """trainer.batch_size=value through the one config check (batch_size.min 16, max 4096)."""
+    cfg = OmegaConf.create(
+        {"trainer": {"batch_size": value}, "batch_size": {"min": 16, "max": 4096}}
+    )
+    rule = SCHEMA["trainer.batch_size"]
+    rule.check("trainer.batch_size", cfg.trainer.batch_size)
+    check_batch_sizes(OmegaConf.merge(cfg, {"lr_finder": {"batch_size": 16}}), None)
 
 
 @pytest.mark.parametrize("value", [16, 32, 128, 4096])
 def test_powers_of_two_in_range_pass(value: int) -> None:
-    assert batch_size.check_batch_size(value, LIMITS) == value
+    check_batch(value)
 
 
 @pytest.mark.parametrize(
     ("value", "needle"),
     [
         (96, "not a power of two"),
-        (0, "not a power of two"),
+        (0, "is not a whole number >= 1"),
         (8, "outside"),
         (8192, "outside"),
-        ("128", "not a power of two"),
-        (True, "not a power of two"),
+        ("128", "is not a whole number >= 1"),
+        (True, "is not a whole number >= 1"),
     ],
 )
 def test_bad_batch_sizes_are_config_errors(value: object, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
-        batch_size.check_batch_size(value, LIMITS)
+        check_batch(value)
 
 
 def test_fallback_halves_on_oom_and_records_why() -> None:

@@ -21,9 +21,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from kmnist_sweep import launcher
 from kmnist_sweep.errors import ConfigError, SweepStopped
-from kmnist_sweep.runner import hydra_base_overrides, run_sweep
+from kmnist_sweep.results.outputs import hydra_base_overrides
+from kmnist_sweep.sweep import slurm as launcher
+from kmnist_sweep.sweep.runner import run_sweep
 from tests import test_runner
 from tests.test_runner import PG_URL, REPO, load
 
@@ -93,9 +94,9 @@ def test_slurm_parameters_reach_the_sbatch_script(
     "override, message",
     [
         ("launcher.executor=pbs", "launcher.executor='pbs' is not one of slurm, local"),
-        ("launcher.jobs=0", "launcher.jobs=0 must be an integer >= 1"),
-        ("launcher.jobs=many", "launcher.jobs='many' must be an integer >= 1"),
-        ("launcher.gpus_per_job=-1", "launcher.gpus_per_job=-1 must be an integer >= 0"),
+        ("launcher.jobs=0", "launcher.jobs=0 is not a whole number >= 1"),
+        ("launcher.jobs=many", "launcher.jobs='many' is not a whole number >= 1"),
+        ("launcher.gpus_per_job=-1", "launcher.gpus_per_job=-1 is not a whole number >= 0"),
     ],
 )
 def test_bad_launcher_config_is_one_line(compose_cfg: Any, override: str, message: str) -> None:
@@ -182,7 +183,7 @@ def test_a_failed_job_is_reported_with_its_log(
         "+sweep=lr", "study.n_trials=3", *LOCAL_JOBS, "launcher.jobs=1", toy={"interrupt_trial": 1}
     )
     stopped = pytest.raises(SweepStopped, match="stopped at 1/3 finished trials .worker 0 exited")
-    with caplog.at_level(logging.ERROR, logger="kmnist_sweep.launcher"), stopped:
+    with caplog.at_level(logging.ERROR, logger="kmnist_sweep.sweep.slurm"), stopped:
         run_sweep(cfg)  # trial 1 raises KeyboardInterrupt inside the job
     (line,) = [r.getMessage() for r in caplog.records]
     assert "worker job 0" in line and "exited with status 130" in line

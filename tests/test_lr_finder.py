@@ -11,9 +11,9 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from kmnist_sweep import engine, lr_finder
-from kmnist_sweep.data import load_dataset
+from kmnist_sweep.data.datasets import load_dataset
 from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.train import engine, lr_finder
 
 LRS = [10 ** (-7 + 0.1 * i) for i in range(81)]  # 1e-7 .. 1e1 in steps of 10**0.1
 

@@ -10,10 +10,10 @@ import optuna
 import pytest
 from omegaconf import DictConfig
 
-from kmnist_sweep import batch_size, lr_finder
-from kmnist_sweep.objective import make_objective, suggest_params
-from kmnist_sweep.search_space import parse_space
-from kmnist_sweep.tracking import Tracker
+from kmnist_sweep.config.search_space import parse_space
+from kmnist_sweep.results.tracking import Tracker
+from kmnist_sweep.sweep.objective import make_objective, suggest_params
+from kmnist_sweep.train import batch_size, lr_finder
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

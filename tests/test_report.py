@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import kmnist_sweep  # noqa: F401  (torchvision compat first)
-from kmnist_sweep import report
-from kmnist_sweep.report import confusion_matrix, write_report
+from kmnist_sweep.results import confusion, report
+from kmnist_sweep.results.report import confusion_matrix, write_report
 
 CLASSES = list("おきすつなはまやれを")  # KMNIST's ten hiragana
 NOTE = "kmnist_sample: not the official protocol"
@@ -131,7 +131,7 @@ def test_sparse_study_skips_plots_with_a_note(tmp_path: Path) -> None:
 def test_labels_fall_back_to_code_points_without_a_cjk_font(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert report.tick_labels(["お", "ゝ"], None) == ["U+304A", "U+309D"]
+    assert confusion.tick_labels(["お", "ゝ"], None) == ["U+304A", "U+309D"]
     monkeypatch.setattr(report, "find_cjk_font", lambda text: None)
     labels, preds, images = synthetic_test_set(40)
     with warnings.catch_warnings(record=True) as caught:

@@ -9,8 +9,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from kmnist_sweep.errors import ConfigError
-from kmnist_sweep.search_space import (
+from kmnist_sweep.config.search_space import (
     Param,
     apply_params,
     optuna_name,
@@ -18,6 +17,7 @@ from kmnist_sweep.search_space import (
     pow2_exponents,
     to_overrides,
 )
+from kmnist_sweep.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))

@@ -12,7 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 import kmnist_sweep  # noqa: F401  (torchvision compat first)
-from kmnist_sweep.tracking import Tracker, resolve_mode, scrub, scrub_text
+from kmnist_sweep.masking import scrub, scrub_text
+from kmnist_sweep.results.tracking import Tracker, resolve_mode
 
 DB_PASSWORD = "hunter2-db-Pa55"
 API_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, like a real key
@@ -158,7 +159,7 @@ def test_a_wandb_error_is_one_warning_and_never_raises(
         raise RuntimeError(f"upload to postgresql://u:{DB_PASSWORD}@h/db failed")
 
     monkeypatch.setattr(tracker.run, "log", broken_log)
-    with caplog.at_level(logging.WARNING, logger="kmnist_sweep.tracking"):
+    with caplog.at_level(logging.WARNING, logger="kmnist_sweep.results.tracking"):
         tracker.log_epoch(1, {"val/acc": 0.5})
         tracker.log_epoch(2, {"val/acc": 0.6})
         tracker.log_image("lr_finder", tmp_path / "missing.png")

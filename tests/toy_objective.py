@@ -1,4 +1,4 @@
-"""A cheap stand-in for kmnist_sweep.objective: same shape, no data, no training.
+"""A cheap stand-in for kmnist_sweep.sweep.objective: same shape, no data, no training.
 
 Point a study at it with `study.objective=tests.toy_objective:make_toy_objective`. A `toy:`
 section in the config tunes it (all optional):
@@ -25,7 +25,7 @@ import optuna
 from omegaconf import DictConfig
 
 import kmnist_sweep  # noqa: F401  (package first, as everywhere)
-from kmnist_sweep.search_space import (
+from kmnist_sweep.config.search_space import (
     Param,
     apply_params,
     optuna_name,

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kmnist_sweep.storage import open_storage
+from kmnist_sweep.sweep.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[2]
 TOY = "tests.toy_objective:make_toy_objective"

@@ -11,9 +11,6 @@ is allowed, before anything is trained or any study is touched.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from kmnist_sweep.errors import ConfigError
@@ -87,19 +84,3 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
 
 def _num(x: float) -> str:
     return f"{x:g}"
-
-
-def check_writable_dir(path: Path, what: str) -> None:
-    """A ConfigError "<what>: <why>" now, not an OSError once the study runs, when the folder
-    `path` (made later if missing) cannot be created or written. Leaves nothing behind."""
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{what}: {existing} is not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
-    except OSError as exc:
-        raise ConfigError(
-            f"{what}: {existing} takes no new folders ({exc.strerror or type(exc).__name__})"
-        ) from None

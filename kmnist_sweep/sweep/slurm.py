@@ -5,7 +5,7 @@
 
 Why not Hydra's submitit launcher plugin: it runs one job per config of a multirun, while a
 study wants N identical workers that share its storage and take trials from it until the
-total is reached. Each job runs `runner.worker_run`, the loop of the runner's local worker
+total is reached. Each job runs `worker.worker_run`, the loop of the runner's local worker
 processes, so a job that dies costs only its running trial (failed by heartbeat, retried by
 another worker). `executor: local` is submitit's LocalExecutor: the same job code, run as
 processes on this machine; the tests use it.
@@ -25,25 +25,25 @@ from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
-from kmnist_sweep import faults, runner
 from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.sweep import faults
+from kmnist_sweep.sweep.local import worker_env
+from kmnist_sweep.sweep.progress import Progress
+from kmnist_sweep.sweep.worker import worker_run
 
 if TYPE_CHECKING:
     from submitit import AutoExecutor, Job
 
 log = logging.getLogger(__name__)
 
-EXECUTORS = ("slurm", "local")  # submitit clusters that launcher.executor may name
 SLURM_OPTIONS = ("partition", "account", "qos", "constraint")  # null = the cluster's default
 
 
 def check(launcher_cfg: DictConfig) -> int:
-    """The number of worker jobs; a ConfigError for a config that cannot submit them."""
-    executor = str(launcher_cfg.get("executor"))
-    if executor not in EXECUTORS:
-        raise ConfigError(f"launcher.executor={executor!r} is not one of slurm, local")
-    jobs = _integer(launcher_cfg, "jobs", minimum=1)
-    slurm_parameters(launcher_cfg)  # every value has the right type
+    """The number of worker jobs, once this machine can submit them: submitit installed, and
+    SLURM here for `executor: slurm` (the values were checked with the whole config)."""
+    executor = str(launcher_cfg.executor)
+    jobs = int(launcher_cfg.jobs)
     submitit = _import_submitit()
     if executor == "slurm" and submitit.SlurmExecutor.affinity() <= 0:
         raise ConfigError(
@@ -59,18 +59,13 @@ def slurm_parameters(launcher_cfg: DictConfig) -> dict[str, Any]:
         "name": str(launcher_cfg.get("job_name") or "kmnist-sweep"),
         "nodes": 1,
         "tasks_per_node": 1,  # one worker process per job
-        "gpus_per_node": _integer(launcher_cfg, "gpus_per_job", minimum=0),
-        "timeout_min": _integer(launcher_cfg, "timeout_min", minimum=1),
+        "gpus_per_node": int(launcher_cfg.gpus_per_job),
+        "timeout_min": int(launcher_cfg.timeout_min),
     }
     if launcher_cfg.get("cpus_per_task") is not None:
-        params["cpus_per_task"] = _integer(launcher_cfg, "cpus_per_task", minimum=1)
+        params["cpus_per_task"] = int(launcher_cfg.cpus_per_task)
     if launcher_cfg.get("mem_gb") is not None:
-        try:
-            params["mem_gb"] = float(launcher_cfg.mem_gb)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"launcher.mem_gb={launcher_cfg.mem_gb!r} must be a number"
-            ) from None
+        params["mem_gb"] = float(launcher_cfg.mem_gb)
     for key in SLURM_OPTIONS:
         if launcher_cfg.get(key) is not None:
             params[f"slurm_{key}"] = str(launcher_cfg[key])
@@ -90,7 +85,7 @@ def submit_workers(cfg: DictConfig, payload: dict[str, Any]) -> list[Job[None]]:
     local = str(launcher_cfg.executor) == "local"
     # Jobs import this package and the objective's module from where this process did; local
     # jobs share this machine's cores (OMP_NUM_THREADS), cluster jobs have their own.
-    env = runner._worker_env(str(payload["objective"]), count if local else 1)
+    env = worker_env(str(payload["objective"]), count if local else 1)
     with _environ(env), executor.batch():  # on SLURM: one job array
         jobs = [executor.submit(run_job, dict(payload, index=i)) for i in range(count)]
     log.info(
@@ -119,13 +114,13 @@ def run_job(payload: dict[str, Any]) -> None:
         os.environ.get("CUDA_VISIBLE_DEVICES", ""),
     )
     try:
-        runner.worker_run(payload)
+        worker_run(payload)
     except SystemExit as exc:  # interrupted or stopped: the job failed, the reason is logged
         if exc.code:
             raise RuntimeError(f"worker {index} exited with status {exc.code}") from None
 
 
-def wait(jobs: Sequence[Job[None]], progress: runner.Progress, poll: float) -> list[int]:
+def wait(jobs: Sequence[Job[None]], progress: Progress, poll: float) -> list[int]:
     """Show progress until every job has ended; per job 0 (ended well) or 1 (failed, its log
     named in an error line). On Ctrl-C or an error here, running jobs are cancelled first."""
     try:
@@ -146,12 +141,12 @@ def cancel(jobs: Sequence[Job[None]]) -> None:
     import submitit
 
     if any(isinstance(job, submitit.LocalJob) for job in jobs):
-        _wait_done(jobs, runner.STOP_WAIT_S / 2)
+        _wait_done(jobs, faults.STOP_WAIT_S / 2)
     for job in jobs:
         if not job.done():
             with contextlib.suppress(Exception):  # ended meanwhile, or scancel failed
                 job.cancel(check=False)
-    _wait_done(jobs, runner.STOP_WAIT_S)
+    _wait_done(jobs, faults.STOP_WAIT_S)
 
 
 def _status(index: int, job: Job[None]) -> int:
@@ -205,17 +200,6 @@ def _import_submitit() -> ModuleType:
             "launcher=slurm needs submitit: pip install 'kmnist_sweep[slurm]'"
         ) from None
     return submitit
-
-
-def _integer(launcher_cfg: DictConfig, key: str, minimum: int) -> int:
-    value = launcher_cfg.get(key)
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = minimum - 1
-    if number < minimum or str(number) != str(value).strip():
-        raise ConfigError(f"launcher.{key}={value!r} must be an integer >= {minimum}")
-    return number
 
 
 @contextmanager

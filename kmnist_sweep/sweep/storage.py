@@ -21,9 +21,9 @@ import sqlalchemy
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
-from kmnist_sweep.checks import check_writable_dir
-from kmnist_sweep.errors import ConfigError, SweepStopped
-from kmnist_sweep.tracking import scrub_text
+from kmnist_sweep.errors import ConfigError, SweepStopped, error_line
+from kmnist_sweep.files import check_writable_dir
+from kmnist_sweep.masking import mask_url
 
 SQLITE_BUSY_TIMEOUT_S = 60.0  # seconds a SQLite writer waits for the lock before failing
 
@@ -37,11 +37,6 @@ STORAGE_ERRORS: tuple[type[Exception], ...] = (
     sqlalchemy.exc.InterfaceError,
     optuna.exceptions.StorageInternalError,
 )
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password (and any `password=` query value) replaced by ***."""
-    return scrub_text(url)
 
 
 def open_storage(
@@ -172,12 +167,11 @@ def _is_lock_error(exc: BaseException) -> bool:
 
 
 def _one_line(exc: BaseException, url: str) -> str:
-    """First line of an error, type-named, with the URL's password scrubbed."""
+    """Why a storage did not open, in one line; the URL's own password masked as well (a
+    driver may echo it in a form the URL pattern does not catch)."""
     if isinstance(exc, ImportError):
         return "its database driver is not installed (PostgreSQL: pip install psycopg2-binary)"
-    cause = getattr(exc, "orig", None) or exc
-    lines = str(cause).strip().splitlines() or [""]
-    text = f"{type(cause).__name__}: {lines[0]}"
+    text = error_line(exc)
     password = _password(url)
     return text.replace(password, "***") if password else text
 

@@ -6,8 +6,8 @@ goes through `Tracker._guard`, which logs one warning and then stays quiet until
 trial. Offline runs are written under `<tracking.dir>/wandb/offline-run-*` and uploaded
 later with `wandb sync`.
 
-Configs pass through `scrub` before they reach wandb (or its debug logs): storage URLs carry
-database passwords and a config may hold tokens.
+Configs pass through `masking.scrub` before they reach wandb (or its debug logs): storage URLs
+carry database passwords and a config may hold tokens.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ import contextlib
 import logging
 import netrc
 import os
-import re
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
+
+from kmnist_sweep.errors import error_line
+from kmnist_sweep.masking import scrub, scrub_text
 
 if TYPE_CHECKING:
     from wandb import Run
@@ -32,60 +34,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("online", "offline", "disabled")
 TRIAL_STATES = ("complete", "pruned", "failed")
-MASK = "***"
 _service_up = False  # wandb's service process was started by a run of ours and not stopped
 _unreachable = False  # an online run could not start: this process writes offline runs
-
-# Key names whose values are secrets. A bare `key`/`..._key` counts, `monkey` does not.
-SECRET_KEY = re.compile(r"password|passwd|secret|token|api_?key|(?:^|[_.\-])key$", re.IGNORECASE)
-# scheme://user:PASSWORD@host -> scheme://user:***@host (SQLAlchemy URLs, PostgreSQL DSNs).
-URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]*):[^/\s@]*@", re.IGNORECASE)
-# ?password=...&token=... in a URL's query string, or password=... in a libpq DSN.
-QUERY_SECRET = re.compile(
-    r"((?:^|[?&;\s])[^=&#;\s]*(?:password|passwd|secret|token|api_?key)[^=&#;\s]*=)[^&#;\s]*",
-    re.IGNORECASE,
-)
-
-
-# ---------------------------------------------------------------- secrets
-
-
-def scrub(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain copy of `config` with secret values masked, recursively: values under keys
-    that name a secret, and passwords inside URLs anywhere in strings."""
-    if isinstance(config, DictConfig):
-        config = _to_container(config)
-    return {
-        str(k): (MASK if SECRET_KEY.search(str(k)) else _scrub_value(v)) for k, v in config.items()
-    }
-
-
-def _scrub_value(value: Any) -> Any:
-    if isinstance(value, DictConfig | ListConfig):
-        value = _to_container(value)
-    if isinstance(value, Mapping):
-        return scrub(value)
-    if isinstance(value, list | tuple):
-        return [_scrub_value(v) for v in value]
-    if isinstance(value, str):
-        return scrub_text(value)
-    return value
-
-
-def scrub_text(text: str) -> str:
-    """`text` with URL passwords, secret query parameters and the W&B API key masked."""
-    text = QUERY_SECRET.sub(rf"\1{MASK}", URL_PASSWORD.sub(rf"\1:{MASK}@", text))
-    key = os.environ.get("WANDB_API_KEY", "")
-    return text.replace(key, MASK) if len(key) >= 8 else text
-
-
-def _to_container(cfg: DictConfig | ListConfig) -> Any:
-    # Interpolations that only resolve inside a Hydra run (${now:...}, ${hydra:...}) must not
-    # cost us the whole config: fall back to the unresolved text.
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # any resolver error
-        return OmegaConf.to_container(cfg, resolve=False)
 
 
 # ---------------------------------------------------------------- mode
@@ -322,5 +272,4 @@ class Tracker:
 
 
 def _describe(err: BaseException) -> str:
-    text = " ".join(str(err).split())[:300]
-    return f"{type(err).__name__}: {scrub_text(text)}" if text else type(err).__name__
+    return error_line(err, typed=False)[:300]

@@ -17,17 +17,15 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import optuna
+from fastai.learner import Learner
 from omegaconf import DictConfig
 
+from kmnist_sweep import trial_attrs
+from kmnist_sweep.data.contract import Dataset
 from kmnist_sweep.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fastai.learner import Learner
-
-    from kmnist_sweep.data import Dataset
+from kmnist_sweep.train import engine
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +159,6 @@ def range_test(learn: Learner, fcfg: DictConfig) -> tuple[list[float], list[floa
 
 def run_range_test(cfg: DictConfig, dataset: Dataset, batch_size: int) -> Curve:
     """The range test on a fresh learner for `cfg` at `batch_size`, with every suggestion."""
-    from kmnist_sweep import engine
-
     learn = engine.build_learner(cfg, dataset, batch_size=batch_size)
     lrs, losses = range_test(learn, cfg.lr_finder)
     suggestions = {name: suggest(lrs, losses, name) for name in RULES}
@@ -211,7 +207,7 @@ def plot_curve(curve: Curve, path: Path, chosen: str | None = None) -> Path:
 
 # ---------------------------------------------------------------- the study's cache
 
-CACHE_PREFIX = "lr_finder:"  # study user attribute holding a curve, + curve_key(...)
+CACHE_PREFIX = trial_attrs.LR_CURVE_PREFIX  # + curve_key(...): a study attribute with a curve
 
 
 def cached_curve(study: optuna.Study, cfg: DictConfig, dataset: Dataset, batch_size: int) -> Curve:
@@ -253,15 +249,15 @@ def seeded_lr(
     return lr, f"{rule} at batch {ref}, scaled {fcfg.scale} to batch {batch_size}"
 
 
-def prepare(study: optuna.Study, cfg: DictConfig, seeded: Sequence[str]) -> None:
+def prepare(
+    study: optuna.Study, cfg: DictConfig, seeded: Sequence[str], dataset: Callable[[], Dataset]
+) -> None:
     """Before any worker starts: run the range test once and queue a first trial that uses
     the finder's LR itself (factor 1), so the search starts from the suggestion."""
     if not seeded:
         return
     if cfg.lr_finder.scale != "rerun":
-        from kmnist_sweep.data import load_dataset
-
-        curve = cached_curve(study, cfg, load_dataset(cfg.data), int(cfg.lr_finder.batch_size))
+        curve = cached_curve(study, cfg, dataset(), int(cfg.lr_finder.batch_size))
         rule = str(cfg.lr_finder.suggestion)
         print(
             f"LR finder ({rule}, batch {curve.batch_size}): {curve.suggestions[rule]:.3g}; "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,12 +16,13 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-from kmnist_sweep.errors import ConfigError
-from kmnist_sweep.search_space import (
+from kmnist_sweep.config.search_space import (
     format_override_value,
     to_overrides,
 )
-from kmnist_sweep.storage import mask_url
+from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.files import write_atomic
+from kmnist_sweep.masking import mask_url
 
 
 @dataclass(frozen=True)
@@ -197,11 +197,3 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
         return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     except Exception as exc:
         raise ConfigError(f"the config does not resolve: {str(exc).splitlines()[0]}") from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

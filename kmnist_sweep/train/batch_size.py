@@ -23,23 +23,13 @@ import torch
 from fastai.callback.core import Callback
 from omegaconf import DictConfig
 
-from kmnist_sweep.errors import ConfigError
+from kmnist_sweep import trial_attrs
 
 T = TypeVar("T")
 
 
 def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-def check_batch_size(value: Any, cfg: DictConfig, key: str = "trainer.batch_size") -> int:
-    """A power of two within [batch_size.min, batch_size.max], else a config error."""
-    if isinstance(value, bool) or not isinstance(value, int) or not is_pow2(value):
-        raise ConfigError(f"{key}={value!r} is not a power of two")
-    lo, hi = int(cfg.min), int(cfg.max)
-    if not lo <= value <= hi:
-        raise ConfigError(f"{key}={value} is outside batch_size.min={lo} .. batch_size.max={hi}")
-    return value
 
 
 class Diverged(RuntimeError):
@@ -70,9 +60,9 @@ class Fallback:
 
     def as_attrs(self) -> dict[str, Any]:
         return {
-            "batch_size/requested": self.requested,
-            "batch_size/effective": self.effective,
-            "batch_size/halvings": [vars(h) for h in self.halvings],
+            trial_attrs.BATCH_REQUESTED: self.requested,
+            trial_attrs.BATCH_EFFECTIVE: self.effective,
+            trial_attrs.BATCH_HALVINGS: [vars(h) for h in self.halvings],
         }
 
 
@@ -218,8 +208,7 @@ def guards(cfg: DictConfig) -> list[Callback]:
 
 def constraint(user_attrs: dict[str, Any]) -> list[float]:
     """Optuna constraint (<= 0 feasible): how many halvings the requested batch needed."""
-    requested = user_attrs.get("batch_size/requested")
-    effective = user_attrs.get("batch_size/effective")
+    requested, effective = trial_attrs.batch_sizes(user_attrs)
     if not requested:
         return [0.0]
     if not effective:  # nothing fitted at all: worse than any number of halvings that did

@@ -20,14 +20,15 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from kmnist_sweep.errors import Interrupted, SweepStopped
-from kmnist_sweep.storage import STORAGE_ERRORS
-from kmnist_sweep.tracking import scrub_text
+from kmnist_sweep import trial_attrs
+from kmnist_sweep.errors import Interrupted, SweepStopped, error_line
+from kmnist_sweep.sweep.storage import STORAGE_ERRORS
 
 log = logging.getLogger(__name__)
 
 
 STORAGE_PATIENCE_S = 600.0  # seconds a worker retries a storage that does not answer
+STOP_WAIT_S = 10.0  # seconds workers get to record their trial after Ctrl-C
 
 
 def signum_of(exc: BaseException) -> int:
@@ -168,13 +169,6 @@ class Outage:
         time.sleep(max(delay, 0.0))
 
 
-def error_line(exc: BaseException) -> str:
-    """`Type: last line of the message`, passwords masked: what a log or user attr keeps."""
-    cause = getattr(exc, "orig", None) or exc.__cause__ or exc
-    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
-    return scrub_text(f"{type(cause).__name__}: {lines[0] if lines else ''}")[:500]
-
-
 def failed_with_error(
     trials: Sequence[FrozenTrial], since: datetime.datetime
 ) -> list[FrozenTrial]:
@@ -183,7 +177,7 @@ def failed_with_error(
         t
         for t in trials
         if t.state == TrialState.FAIL
-        and "error" in t.user_attrs
+        and trial_attrs.ERROR in t.user_attrs
         and t.datetime_start is not None
         and t.datetime_start >= since
     ]
@@ -199,6 +193,6 @@ def check_failures(
         last = max(failed, key=lambda t: t.number)
         raise SweepStopped(
             f"{len(failed)} trials failed with an error in this run (study.max_failed="
-            f"{max_failed}); last, trial {last.number}: {last.user_attrs['error']}; "
+            f"{max_failed}); last, trial {last.number}: {last.user_attrs[trial_attrs.ERROR]}; "
             "fix the cause and run the same command again"
         )

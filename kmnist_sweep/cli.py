@@ -1,0 +1,157 @@
+"""`python -m kmnist_sweep [command] [overrides]`: compose -> check once -> dispatch.
+
+    python -m kmnist_sweep data=kmnist_sample              # train once
+    python -m kmnist_sweep +sweep=batchsize                # a sweep
+    python -m kmnist_sweep report +sweep=batchsize         # rewrite a study's report
+    python -m kmnist_sweep copy-study FROM_URL TO_URL NAME # move a study to another storage
+
+Every error in the user's input is one line on stderr and exit status 2; a sweep stopped
+for another reason is one line and exit 1; Ctrl-C/SIGTERM exit 130/143.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import hydra
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+import kmnist_sweep  # noqa: F401  (torchvision compat before fastai loads)
+from kmnist_sweep.config.check import check_config
+from kmnist_sweep.config.compose import CONF_DIR, preflight
+from kmnist_sweep.data.datasets import load_dataset
+from kmnist_sweep.errors import Interrupted, SweepStopped, UserError
+from kmnist_sweep.masking import mask_url, scrub, scrub_text
+from kmnist_sweep.results.report import report_sweep
+from kmnist_sweep.sweep.runner import run_sweep
+from kmnist_sweep.sweep.storage import copy_study, open_storage
+from kmnist_sweep.train import engine
+
+
+def train_once(cfg: DictConfig) -> float:
+    """Train one model from the composed config; print per-epoch and final test metrics."""
+    dataset = load_dataset(cfg.data)
+    if dataset.note:
+        print(f"note: {dataset.note}", flush=True)
+    print(
+        f"training {cfg.model.arch} ({cfg.model.stem} stem) on {dataset.name}: "
+        f"{len(dataset.train.labels)} train / {len(dataset.valid.labels)} valid / "
+        f"{len(dataset.test.labels)} test images, {dataset.num_classes} classes",
+        flush=True,
+    )
+    result = engine.train(cfg, dataset, test=True)
+    key = dataset.metric
+    line = (
+        f"final: val/{key} {result.valid[f'val/{key}']:.4f}  "
+        f"test/{key} {result.test[f'test/{key}']:.4f}  ({result.seconds:.1f} s)"
+    )
+    print(line + (f"  [{dataset.note}]" if dataset.note else ""), flush=True)
+    return result.valid[f"val/{key}"]
+
+
+def sweep(cfg: DictConfig) -> float | None:
+    """Run the sweep `+sweep=NAME` composed; print its summary line."""
+    summary = run_sweep(cfg)
+    print(
+        f"study {summary.study_name}: {summary.complete} complete, {summary.pruned} pruned, "
+        f"{summary.failed} failed of {summary.n_trials}; best {cfg.study.metric} "
+        f"{summary.best_value} (trial {summary.best_trial}); "
+        f"see {summary.output_dir}/best.yaml and {summary.output_dir}/report/report.html",
+        flush=True,
+    )
+    return summary.best_value
+
+
+def report_only(cfg: DictConfig) -> None:
+    """`python -m kmnist_sweep report +sweep=NAME ...`: rewrite an existing study's report."""
+    storage = open_storage(str(cfg.study.storage))
+    try:
+        study = optuna.load_study(study_name=str(cfg.study.name), storage=storage)
+    except KeyError:
+        raise UserError(
+            f"no study {cfg.study.name!r} in {mask_url(str(cfg.study.storage))}"
+        ) from None
+    print(f"report: {report_sweep(study, cfg)}", flush=True)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """The command for a composed config: report, sweep (run_sweep checks the config) or
+    train once; the config is checked once, before any work."""
+    if cfg.search_space and MODE != "report":
+        return sweep(cfg)
+    check_config(cfg)
+    if MODE == "report":
+        report_only(cfg)
+        return None
+    return train_once(cfg)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _entry(cfg: DictConfig) -> float | None:
+    try:
+        save_snapshot(cfg)
+        return run(cfg)
+    except UserError as exc:
+        # Bad input is the user's to fix: one line, no traceback, exit status 2.
+        fail(f"error: {exc}", 2)
+    except SweepStopped as exc:
+        # Not the user's input, and nothing lost: one line, exit 1, the same command resumes.
+        fail(f"stopped: {exc}", 1)
+    except KeyboardInterrupt as exc:
+        detail = str(exc) or "interrupted"
+        fail(f"interrupted: {detail}", exc.exit_code if isinstance(exc, Interrupted) else 130)
+    return None
+
+
+def fail(line: str, status: int) -> None:
+    print(f"kmnist_sweep: {line}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def save_snapshot(cfg: DictConfig) -> None:
+    """The run folder's config.yaml and overrides.yaml, secrets masked. Hydra's own .hydra/
+    copies are switched off (hydra.output_subdir: null): they hold storage passwords."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = [scrub_text(o) for o in HydraConfig.get().overrides.task]
+    try:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(scrub(cfg))))
+        (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    except OSError as exc:
+        raise UserError(f"cannot write the run's config to {run_dir}: {exc}") from None
+
+
+MODE = "run"  # "report" when the first argument is the word report
+
+
+def copy_study_cli(args: list[str]) -> None:
+    """`python -m kmnist_sweep copy-study FROM_URL TO_URL NAME`: move a study to another
+    storage (SQLite -> PostgreSQL), then run the sweep with study.storage=TO_URL."""
+    parser = argparse.ArgumentParser(prog="python -m kmnist_sweep copy-study")
+    parser.add_argument("from_url", help="storage holding the study, e.g. sqlite:///storage/x.db")
+    parser.add_argument("to_url", help="storage to copy it to, e.g. postgresql://user@host/db")
+    parser.add_argument("name", help="study name (study.name of the sweep)")
+    ns = parser.parse_args(args)
+    try:
+        count = copy_study(ns.name, ns.from_url, ns.to_url)
+    except UserError as exc:
+        fail(f"error: {exc}", 2)
+    print(f"copied study {ns.name!r}: {count} trials to {mask_url(ns.to_url)}", flush=True)
+
+
+def main() -> None:
+    global MODE
+    if len(sys.argv) > 1 and sys.argv[1] == "copy-study":
+        copy_study_cli(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        MODE = "report"
+        del sys.argv[1]
+    preflight(sys.argv[1:])
+    _entry()

@@ -1,0 +1,149 @@
+"""The one check pass over a composed config, before any data is read or study touched.
+
+    params = check_config(cfg)    # the parsed search space; a ConfigError names the bad key
+
+Order: the search space (its form, then each searched key's bounds or choices against the
+schema), every other key against the schema (config/schema.py), then the rules between
+keys, then what only this machine can tell (device, bf16, optional packages). What can only
+be checked by opening something (data files, the storage, the output folder, the objective's
+module) is checked by the sweep's plan, still before anything is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kmnist_sweep.config.device import pick_device, use_bf16
+from kmnist_sweep.config.schema import SCHEMA, SECTIONS, Key
+from kmnist_sweep.config.search_space import Param, parse_space, pow2_exponents
+from kmnist_sweep.errors import ConfigError
+
+_ABSENT = object()
+
+
+def check_config(cfg: DictConfig) -> list[Param]:
+    """Check every key of `cfg`; return the parsed search space."""
+    params = parse_space(cfg.get("search_space") or {}, cfg)
+    searched = {p.name: p for p in params}
+    check_unknown_keys(cfg)
+    for key, rule in SCHEMA.items():
+        if key in searched:
+            check_searched(searched[key], rule)
+            continue
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT:
+            rule.check(key, value)
+    check_batch_sizes(cfg, searched.get("trainer.batch_size"))
+    check_pruner(cfg.study.pruner)
+    check_data(cfg.data)
+    check_lr_finder(cfg.lr_finder)
+    check_machine(cfg)
+    return params
+
+
+def check_unknown_keys(cfg: DictConfig) -> None:
+    """A key added to one of our sections (`+trainer.lr_max=...`) that nothing reads."""
+    for section in SECTIONS:
+        node = cfg.get(section)
+        if not isinstance(node, DictConfig):
+            continue
+        for key in _leaves(node, f"{section}."):
+            if key not in SCHEMA:
+                close = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{key}: no such config key{hint}")
+
+
+def check_searched(param: Param, rule: Key) -> None:
+    """A searched key's bounds or choices, each as its config value would be checked."""
+    where = f"search_space.{param.name}"
+    if param.type == "categorical":
+        for choice in param.choices:
+            rule.check(f"{where}.choices", choice)
+    elif param.type in ("float", "int"):
+        rule.check(f"{where}.low", param.low)
+        rule.check(f"{where}.high", param.high)
+    # pow2 bounds: check_batch_sizes; lr_finder factors multiply the finder's LR.
+
+
+def check_batch_sizes(cfg: DictConfig, searched: Param | None) -> None:
+    """Batch sizes are powers of two within [batch_size.min, batch_size.max]."""
+    lo, hi = int(cfg.batch_size.min), int(cfg.batch_size.max)
+    if lo > hi:
+        raise ConfigError(f"batch_size.min={lo} is above batch_size.max={hi}")
+    sizes: list[tuple[str, Any]] = [("lr_finder.batch_size", cfg.lr_finder.batch_size)]
+    if searched is not None and searched.type == "pow2":
+        sizes += [("search_space.trainer.batch_size", 2**e) for e in pow2_exponents(searched)]
+    else:
+        sizes.insert(0, ("trainer.batch_size", cfg.trainer.batch_size))
+    for key, value in sizes:
+        if not lo <= value <= hi:
+            raise ConfigError(
+                f"{key}={value} is outside batch_size.min={lo} .. batch_size.max={hi}"
+            )
+
+
+def check_pruner(pruner_cfg: DictConfig) -> None:
+    kind = str(pruner_cfg.type)
+    if kind not in ("halving", "hyperband"):
+        return
+    min_resource, reduction = int(pruner_cfg.min_resource), int(pruner_cfg.reduction_factor)
+    if min_resource < 1 or reduction < 2:
+        raise ConfigError(
+            f"study.pruner: {kind} needs min_resource >= 1 and reduction_factor >= 2, "
+            f"got {min_resource} and {reduction}"
+        )
+    max_resource = int(pruner_cfg.max_resource)
+    if kind == "hyperband" and max_resource < min_resource:
+        raise ConfigError(
+            f"study.pruner.max_resource={max_resource} (epochs) is below "
+            f"min_resource={min_resource}"
+        )
+
+
+def check_data(data_cfg: DictConfig) -> None:
+    if data_cfg.name == "synthetic" and int(data_cfg.n_train) < int(data_cfg.num_classes):
+        raise ConfigError(
+            f"data.n_train={data_cfg.n_train} is below data.num_classes="
+            f"{data_cfg.num_classes}: every class needs an image"
+        )
+
+
+def check_lr_finder(fcfg: DictConfig) -> None:
+    if float(fcfg.end_lr) <= float(fcfg.start_lr):
+        raise ConfigError(
+            f"lr_finder.end_lr={fcfg.end_lr} must be above lr_finder.start_lr={fcfg.start_lr}"
+        )
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """What depends on this machine: the device, bf16 support, optional packages."""
+    device = pick_device(str(cfg.trainer.device))
+    use_bf16(str(cfg.trainer.precision), device)
+    cmaes = cfg.search_space and str(cfg.study.sampler.type) == "cmaes"
+    if cmaes and importlib.util.find_spec("cmaes") is None:
+        raise ConfigError("study.sampler.type=cmaes needs the cmaes package (pip install cmaes)")
+
+
+def _leaves(node: DictConfig, prefix: str) -> list[str]:
+    tree = OmegaConf.to_container(node, resolve=False)
+    assert isinstance(tree, dict)
+    return _walk(tree, prefix)
+
+
+def _walk(tree: dict[Any, Any], prefix: str) -> list[str]:
+    keys = []
+    for key, child in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(child, dict) and name not in _DICT_VALUED:
+            keys += _walk(child, f"{name}.")
+        else:
+            keys.append(name)
+    return keys
+
+
+_DICT_VALUED = {"launcher.additional_parameters", "batch_size.inject_oom"}

@@ -1,0 +1,241 @@
+"""Every key of conf/: its one type, range and unit. `config/check.py` checks a composed
+config against this table, once, before any work starts.
+
+The YAML files say what a key is set to; this file says what it may be. A key in conf/
+without a row here fails the schema test (tests/test_config.py), and so does a row whose
+key no conf/ file sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from kmnist_sweep.config.values import allowed, check_choice, check_number
+from kmnist_sweep.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Key:
+    """What one config key may hold; `check` returns the value or raises a ConfigError."""
+
+    kind: str  # int | float | pow2 | choice | bool | text | mapping | custom
+    unit: str  # what the number counts, or what the text names
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False
+    choices: tuple[str, ...] = ()
+    custom: Callable[[str, Any], Any] | None = None
+    accepts: str = ""  # custom: what it accepts, in words
+
+    def check(self, key: str, value: Any) -> Any:
+        if value is None and self.nullable:
+            return None
+        if self.kind in ("int", "float", "pow2"):
+            number = check_number(
+                key,
+                value,
+                whole=self.kind != "float",
+                low=self.low,
+                high=self.high,
+                low_open=self.low_open,
+                high_open=self.high_open,
+            )
+            if self.kind == "pow2" and number & (number - 1):
+                raise ConfigError(f"{key}={value!r} is not a power of two")
+            return number
+        if self.kind == "choice":
+            return check_choice(key, value, self.choices)
+        if self.kind == "bool" and isinstance(value, bool):
+            return value
+        if self.kind == "text" and isinstance(value, str):
+            return value
+        if self.kind == "mapping" and isinstance(value, dict | DictConfig):
+            return value
+        if self.kind == "custom" and self.custom is not None:
+            return self.custom(key, value)
+        raise ConfigError(f"{key}={value!r} is not {self.describe()}")
+
+    def describe(self) -> str:
+        """What the key accepts, in words (the schema table of docs/configuration.md)."""
+        if self.kind in ("int", "float", "pow2"):
+            text = allowed(
+                self.kind != "float", self.low, self.high, self.low_open, self.high_open
+            )
+            text = (
+                text.replace("a whole number", "a power of two") if self.kind == "pow2" else text
+            )
+        elif self.kind == "choice":
+            text = "one of " + ", ".join(self.choices)
+        else:
+            text = {
+                "bool": "true or false",
+                "text": "a string",
+                "mapping": "a mapping",
+                "custom": self.accepts,
+            }[self.kind]
+        return text + (" or null" if self.nullable and self.kind != "custom" else "")
+
+
+def _int(unit: str, low: float | None = None, high: float | None = None, **kw: Any) -> Key:
+    return Key("int", unit, low=low, high=high, **kw)
+
+
+def _float(unit: str, low: float | None = None, high: float | None = None, **kw: Any) -> Key:
+    return Key("float", unit, low=low, high=high, **kw)
+
+
+def _choice(unit: str, *choices: str, **kw: Any) -> Key:
+    return Key("choice", unit, choices=choices, **kw)
+
+
+def _text(unit: str, **kw: Any) -> Key:
+    return Key("text", unit, **kw)
+
+
+def _bool(unit: str) -> Key:
+    return Key("bool", unit)
+
+
+def _workers(key: str, value: Any) -> Any:
+    if str(value) == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value!r} must be auto or an integer")
+    if value < 1:
+        raise ConfigError(f"{key}={value} must be >= 1")
+    return value
+
+
+FRACTION = {"low": 0, "high": 1, "high_open": True}  # [0, 1)
+ARCHS = ("resnet18", "resnet34", "resnet50")
+STEMS = ("imagenet", "small")
+DATASETS = ("kmnist", "k49", "kkanji", "kmnist_sample", "synthetic")
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp")
+PRUNERS = ("none", "median", "halving", "hyperband")
+
+SCHEMA: dict[str, Key] = {
+    "seed": _int("RNG seed of weights, batch order, augmentation and splits", 0),
+    # data: (one group; each dataset uses the keys its conf/data/*.yaml sets)
+    "data.name": _choice("dataset", *DATASETS),
+    "data.root": _text("folder of the files (relative: to the working folder)", nullable=True),
+    "data.format": _choice("KMNIST file format", "idx", "npz"),
+    "data.download": _bool("fetch missing files"),
+    "data.mirror": _text("folder URL serving the files", nullable=True),
+    "data.verify": _bool("check official sizes, md5s and counts"),
+    "data.valid_fraction": _float("fraction of each class held out for validation", **FRACTION),
+    "data.test_fraction": _float("fraction of each class held out for test", **FRACTION),
+    "data.split_seed": _int("RNG seed of the test split", 0),
+    "data.seed": _int("RNG seed of the validation split", 0),
+    "data.metric": _choice("metric", "acc", "bacc"),
+    "data.num_classes": _int("classes", 2),
+    "data.n_train": _int("images (train + valid)", 1),
+    "data.n_test": _int("images", 1),
+    "data.image_size": _int("pixels per side", 7),
+    # model:
+    "model.arch": _choice("ResNet depth", *ARCHS),
+    "model.stem": _choice("stem", *STEMS),
+    "model.pretrained": _bool("ImageNet weights"),
+    # trainer:
+    "trainer.epochs": _int("epochs", 0, 30),
+    "trainer.batch_size": Key("pow2", "images per optimiser step", low=1),
+    "trainer.lr": _float("peak one-cycle learning rate per step", 0, low_open=True),
+    "trainer.optimizer": _choice("optimizer", "adamw", "sgd"),
+    "trainer.momentum": _float("AdamW beta1 / SGD momentum", 0, 1, high_open=True),
+    "trainer.weight_decay": _float("decoupled decay, fraction of weight per step at lr=1", 0),
+    "trainer.label_smoothing": _float("probability mass on the other classes", **FRACTION),
+    "trainer.pct_start": _float("fraction of steps warming up", **FRACTION),
+    "trainer.translate": _int("pixels of random shift per axis", 0),
+    "trainer.cutout": _int("pixels per side of the zeroed square", 0),
+    "trainer.precision": _choice("arithmetic", "auto", "bf16", "fp32"),
+    "trainer.channels_last": Key(
+        "custom",
+        "memory layout",
+        custom=lambda k, v: _auto_bool(k, v),
+        accepts="auto, true or false",
+    ),
+    "trainer.device": _text("auto | cpu | cuda | cuda:N"),
+    "trainer.eval_batch_size": _int("images per evaluation step", 1),
+    "trainer.threads": _int("CPU threads (0: torch's default)", 0),
+    # lr_finder:
+    "lr_finder.start_lr": _float("learning rate at the first step", 0, low_open=True),
+    "lr_finder.end_lr": _float("learning rate at the last step", 0, low_open=True),
+    "lr_finder.num_it": _int("steps of the range test", 10),
+    "lr_finder.beta": _float("EWMA factor smoothing the loss", **FRACTION),
+    "lr_finder.suggestion": _choice("rule", "valley", "minimum"),
+    "lr_finder.scale": _choice(
+        "rule carrying the LR to other batch sizes", "sqrt", "linear", "rerun"
+    ),
+    "lr_finder.batch_size": Key("pow2", "images per step of the reference range test", low=1),
+    # batch_size:
+    "batch_size.min": _int("images per step, smallest", 1),
+    "batch_size.max": _int("images per step, largest", 1),
+    "batch_size.diverge_window": _int("warm-up steps the loss must fall over", 1),
+    "batch_size.diverge_factor": _float("multiple of the starting loss", 1, low_open=True),
+    "batch_size.inject_oom": Key("mapping", "{above: images, epoch, step}", nullable=True),
+    # study:
+    "study.name": _text("study name in the storage"),
+    "study.objective": _text("module:function building the objective"),
+    "study.direction": _choice("direction", "maximize", "minimize"),
+    "study.metric": _text("metric key, e.g. val/acc"),
+    "study.n_trials": _int("finished trials in total", 1),
+    "study.timeout": _float("seconds", 0, nullable=True),
+    "study.storage": _text("storage URL"),
+    "study.sampler.type": _choice("sampler", *SAMPLERS),
+    "study.sampler.seed": _int("RNG seed (worker i: seed + i)", 0, nullable=True),
+    "study.sampler.n_startup_trials": _int("random trials first", 0),
+    "study.pruner.type": _choice("pruner", *PRUNERS),
+    "study.pruner.n_startup_trials": _int("finished trials before pruning", 0),
+    "study.pruner.n_warmup_steps": _int("epochs before a trial may be pruned", 0),
+    "study.pruner.min_resource": _int("epochs every trial gets"),
+    "study.pruner.max_resource": _int("epochs of a trial never stopped"),
+    "study.pruner.reduction_factor": _int("1 in this many trials go on at each rung"),
+    "study.workers": Key(
+        "custom", "processes", custom=_workers, accepts="auto or an integer >= 1"
+    ),
+    "study.workers_per_gpu": _int("processes per GPU", 1),
+    "study.heartbeat_interval": _int("seconds", 1, nullable=True),
+    "study.grace_period": _int("seconds", 1, nullable=True),
+    "study.max_retry": _int("retries of a dead worker's trial", 0, nullable=True),
+    "study.max_failed": _int("failing trials before the run stops", 1, nullable=True),
+    "study.storage_patience": _float("seconds", 0),
+    "study.poll_interval": _float("seconds", 0, low_open=True),
+    "study.output_dir": _text("folder of the study's outputs"),
+    # tracking:
+    "tracking.mode": _choice("wandb mode", "online", "offline", "disabled"),
+    "tracking.project": _text("wandb project"),
+    "tracking.entity": _text("wandb team or user", nullable=True),
+    "tracking.dir": _text("folder of offline runs"),
+    "tracking.init_timeout": _float("seconds", 0, low_open=True),
+    # launcher:
+    "launcher.name": _choice("launcher", "local", "slurm"),
+    "launcher.executor": _choice("submitit cluster", "slurm", "local"),
+    "launcher.jobs": _int("worker jobs", 1),
+    "launcher.gpus_per_job": _int("GPUs per job", 0),
+    "launcher.cpus_per_task": _int("CPU cores per job", 1, nullable=True),
+    "launcher.mem_gb": _float("GB of host memory per job", 0, low_open=True, nullable=True),
+    "launcher.timeout_min": _int("minutes per job", 1),
+    "launcher.partition": _text("SLURM partition", nullable=True),
+    "launcher.account": _text("SLURM account", nullable=True),
+    "launcher.qos": _text("SLURM quality of service", nullable=True),
+    "launcher.constraint": _text("SLURM node features", nullable=True),
+    "launcher.additional_parameters": Key("mapping", "other sbatch options"),
+    "launcher.job_name": _text("job name"),
+    "launcher.folder": _text("folder of job scripts and logs"),
+}
+
+# Sections whose keys a plug-in objective may add (e.g. the test suite's `toy:`) are not
+# ours to check; these are, key by key.
+SECTIONS = ("data", "model", "trainer", "lr_finder", "batch_size", "study", "tracking", "launcher")
+FREE_FORM = ("search_space", "hydra")  # checked by config/search_space.py, or Hydra's own
+
+
+def _auto_bool(key: str, value: Any) -> Any:
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key}={value!r} is not auto, true or false")

@@ -1,0 +1,141 @@
+"""Worker processes on this machine: one per entry of `worker_devices(cfg)`, each running
+the worker loop (sweep/worker.py) on the shared study, pinned to its GPU when there are any.
+
+    codes = run_workers(payload, worker_devices(cfg), log_dir, progress, poll)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, cast
+
+from omegaconf import DictConfig
+
+from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.sweep.faults import STOP_WAIT_S, signum_of, stop_seen
+from kmnist_sweep.sweep.progress import Progress
+
+WORKER_ENTRY = "from kmnist_sweep.sweep.worker import worker_main; worker_main()"
+
+
+def worker_devices(cfg: DictConfig) -> list[str | None]:
+    """One entry per worker: its CUDA_VISIBLE_DEVICES value, or None (CPU / leave as is).
+
+    `study.workers: auto` = one worker per visible GPU x workers_per_gpu, one without GPUs;
+    an integer N = N workers, spread round-robin over the GPUs.
+    """
+    workers = cfg.study.get("workers", "auto")
+    per_gpu = int(cfg.study.get("workers_per_gpu", 1))
+    gpus = visible_gpus(str(cfg.get("trainer", {}).get("device", "auto")))
+    if str(workers) == "auto":
+        count = len(gpus) * per_gpu if gpus else 1
+    else:
+        try:
+            count = int(workers)
+        except (TypeError, ValueError):
+            raise ConfigError(f"study.workers={workers!r} must be auto or an integer") from None
+    if count < 1 or per_gpu < 1:
+        raise ConfigError(f"study.workers={workers} and workers_per_gpu={per_gpu} must be >= 1")
+    if count == 1 and len(gpus) <= 1:
+        return [None]  # run in this process; device selection stays with the trainer
+    return [gpus[i % len(gpus)] if gpus else None for i in range(count)]
+
+
+def visible_gpus(device: str = "auto") -> list[str]:
+    """CUDA device ids a worker may be pinned to, as CUDA_VISIBLE_DEVICES spells them."""
+    if device.startswith("cpu"):
+        return []
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        return []
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in env.split(",") if d.strip()] if env else []
+    ids = ids[:count] if ids else [str(i) for i in range(count)]
+    if device.startswith("cuda:"):
+        index = int(device.split(":", 1)[1])
+        return [ids[index]] if index < len(ids) else []
+    return ids
+
+
+def run_workers(
+    payload: dict[str, Any],
+    devices: list[str | None],
+    log_dir: Path,
+    progress: Progress,
+    poll: float,
+) -> list[int]:
+    """Start one process per entry of `devices`, show progress until all exit; their codes."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = worker_env(str(payload["objective"]), len(devices))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for index, device in enumerate(devices):
+            own_env = dict(env, KMNIST_SWEEP_WORKER=str(index))
+            if device is not None:
+                own_env["CUDA_VISIBLE_DEVICES"] = device
+            with open(log_dir / f"worker-{index}.log", "ab") as log_file:
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", WORKER_ENTRY],
+                    stdin=subprocess.PIPE,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=own_env,
+                )
+            procs.append(proc)
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(dict(payload, index=index)).encode())
+            proc.stdin.close()
+        while any(p.poll() is None for p in procs):
+            progress.refresh()
+            time.sleep(poll)
+    except BaseException as exc:
+        stop_seen(exc)
+        _stop_workers(procs, forward=signum_of(exc) == signal.SIGTERM)
+        raise
+    return [cast(int, p.returncode) for p in procs]
+
+
+def _stop_workers(procs: list[subprocess.Popen[bytes]], forward: bool = False) -> None:
+    """Ctrl-C reached the workers too (same process group): give them time to record it.
+    A SIGTERM was sent to this process alone (`forward`): pass it on at once."""
+    if forward:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+    end = time.time() + STOP_WAIT_S / 2
+    while time.time() < end and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    end = time.time() + STOP_WAIT_S
+    while time.time() < end and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def worker_env(objective_path: str, n_workers: int) -> dict[str, str]:
+    """Workers import this package and the objective's from wherever this process did."""
+    roots = [os.getcwd(), str(Path(__file__).resolve().parents[2])]
+    module = sys.modules.get(objective_path.partition(":")[0])
+    if module is not None and getattr(module, "__file__", None):
+        depth = module.__name__.count(".") + (Path(str(module.__file__)).name == "__init__.py")
+        roots.append(str(Path(str(module.__file__)).resolve().parents[depth]))
+    env = dict(os.environ)
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + ([old] if old else [])))
+    if n_workers > 1 and "OMP_NUM_THREADS" not in env:
+        # Share the cores instead of every worker's torch taking all of them.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_workers))
+    return env

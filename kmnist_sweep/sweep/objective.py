@@ -1,0 +1,255 @@
+"""The Optuna objective: suggest -> train -> report every epoch -> prune -> return the metric.
+
+This is the only module that touches `optuna.Trial`. Around the engine it adds the two
+ideas of the article: the LR is seeded from the LR finder, and a batch that runs out of
+memory or diverges is halved and the run restarted (`batch_size.fit_with_fallback`).
+
+    objective = make_objective(cfg)      # the sweep protocol: check, prepare, constraint,
+    study.optimize(objective)            # __call__ per trial, finish (the report)
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import FrozenTrial
+
+from kmnist_sweep import trial_attrs
+from kmnist_sweep.config.search_space import (
+    Param,
+    apply_params,
+    parse_space,
+    pow2_exponents,
+    to_overrides,
+)
+from kmnist_sweep.data.datasets import Dataset, load_dataset
+from kmnist_sweep.results import report
+from kmnist_sweep.results.tracking import Tracker
+from kmnist_sweep.train import batch_size, engine, lr_finder
+
+log = logging.getLogger(__name__)
+
+
+def suggest_params(trial: optuna.Trial, params: list[Param]) -> dict[str, Any]:
+    """One value per parameter, through the suggest call its type names.
+
+    An `lr_finder` parameter is suggested as a factor (`<name>.factor`) on the finder's LR:
+    the factor carries over between batch sizes, the raw LR does not.
+    """
+    values: dict[str, Any] = {}
+    for p in params:
+        if p.type == "float":
+            values[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+        elif p.type == "int":
+            step = 1 if p.step is None else int(p.step)
+            values[p.name] = trial.suggest_int(
+                p.name, int(p.low), int(p.high), step=step, log=p.log
+            )
+        elif p.type == "pow2":
+            # The exponent, not the size, is what the sampler sees: 64 is as far from 128 as
+            # 1024 is from 2048, and a TPE or GP model should know that.
+            lo, hi = pow2_exponents(p)
+            values[p.name] = 2 ** trial.suggest_int(f"{p.name}.log2", lo, hi)
+        elif p.type == "categorical":
+            values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.type == "lr_finder":
+            values[f"{p.name}.factor"] = trial.suggest_float(
+                f"{p.name}.factor", p.low_factor, p.high_factor, log=True
+            )
+        else:
+            raise NotImplementedError(f"search space type {p.type!r} for {p.name}")
+    return values
+
+
+def make_objective(cfg: DictConfig, tracker: Tracker | None = None) -> TrainingObjective:
+    """The real objective for `cfg` (the factory `study.objective` names by default)."""
+    return TrainingObjective(cfg, tracker)
+
+
+class TrainingObjective:
+    """Trains one trial's configuration per call; the data is loaded once per process.
+
+    Without a `tracker`, one is made from cfg.tracking and closed when the process exits
+    (wandb writes a run's last records only then)."""
+
+    def __init__(self, cfg: DictConfig, tracker: Tracker | None = None) -> None:
+        self.cfg = cfg
+        self.params = parse_space(cfg.search_space, cfg)
+        self.seeded = [p.name for p in self.params if p.type == "lr_finder"]
+        self.metric = str(cfg.study.metric)
+        self.out_dir = Path(str(cfg.study.output_dir))
+        self.tracker = tracker
+        self._dataset: Dataset | None = None
+
+    @property
+    def dataset(self) -> Dataset:
+        if self._dataset is None:
+            self._dataset = load_dataset(self.cfg.data)
+        return self._dataset
+
+    # ---------------------------------------------------------------- the sweep protocol
+
+    def check(self) -> None:
+        """Load, and so check, the data before the sweep opens its storage (DataError)."""
+        _ = self.dataset
+
+    def prepare(self, study: optuna.Study) -> None:
+        lr_finder.prepare(study, self.cfg, self.seeded, lambda: self.dataset)
+
+    def constraint(self, trial: FrozenTrial) -> Sequence[float]:
+        return batch_size.constraint(trial.user_attrs)
+
+    def finish(self, study: optuna.Study) -> None:
+        if self.cfg.study.get("report", True):
+            log.info("report: %s", report.report_sweep(study, self.cfg))
+
+    # ---------------------------------------------------------------- one trial
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        if self.tracker is None:
+            self.tracker = Tracker(self.cfg.tracking, str(self.cfg.study.name), self.out_dir)
+            atexit.register(self.tracker.close)
+        values = suggest_params(trial, self.params)
+        factors = {name: values.pop(f"{name}.factor") for name in self.seeded}
+        trial_cfg = apply_params(self.cfg, values)
+        requested = int(trial_cfg.trainer.batch_size)
+        trial.set_user_attr(trial_attrs.OVERRIDES, to_overrides(values))
+        if self.dataset.note:
+            trial.set_user_attr(trial_attrs.NOTE, self.dataset.note)
+        run = _TrialRun(self, trial, trial_cfg, factors)
+        state, reason = "failed", ""
+        record = batch_size.Fallback(requested)
+        self.tracker.start_trial(trial.number, _run_config(trial_cfg, trial))
+        try:
+            result, record = batch_size.fit_with_fallback(
+                run.attempt, requested, int(self.cfg.batch_size.min), run.halved
+            )
+            state = "complete"
+        except batch_size.BatchSizeExhausted as exc:
+            # Pruned, not failed: samplers learn from pruned trials (and their constraint),
+            # while a failed trial teaches them nothing.
+            state, reason, record = "pruned", str(exc), exc.record
+            trial.set_user_attr(trial_attrs.REASON, reason)
+            raise optuna.TrialPruned(reason) from None
+        except optuna.TrialPruned as exc:
+            state, reason = "pruned", str(exc)
+            raise
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+            raise
+        finally:
+            for key, value in record.as_attrs().items():
+                trial.set_user_attr(key, value)
+            self.tracker.end_trial(state, reason, trial_summary(trial))
+        # What retrains this trial: the seeded LR and the batch that actually fitted.
+        final = {**values, "trainer.batch_size": record.effective}
+        final.update({name: float(trial.user_attrs[trial_attrs.LR_VALUE]) for name in factors})
+        trial.set_user_attr(trial_attrs.OVERRIDES, to_overrides(final))
+        # Kept for the record, never returned: the sampler must not see the test set.
+        trial.set_user_attr(trial_attrs.TEST, result.test)
+        trial.set_user_attr(trial_attrs.VALID, result.valid)
+        trial.set_user_attr(trial_attrs.SECONDS, round(result.seconds, 2))
+        try:
+            save_predictions(result, self.out_dir / "trials" / str(trial.number))
+        except OSError as exc:  # a full or read-only disk costs the report a figure, not the trial
+            log.warning("trial %d: could not save test predictions: %s", trial.number, exc)
+        return result.valid[self.metric]
+
+
+class _TrialRun:
+    """One trial's attempts: each at a batch size, restarted from scratch after a halving."""
+
+    def __init__(
+        self,
+        objective: TrainingObjective,
+        trial: optuna.Trial,
+        trial_cfg: DictConfig,
+        factors: dict[str, float],
+    ) -> None:
+        self.objective = objective
+        self.trial = trial
+        self.trial_cfg = trial_cfg
+        self.factors = factors  # searched key -> multiple of the LR finder's suggestion
+        self.reported: set[int] = set()
+
+    def attempt(self, bs: int) -> engine.TrainResult:
+        obj, trial = self.objective, self.trial
+        run_cfg = apply_params(self.trial_cfg, {"trainer.batch_size": bs})
+        for name, factor in self.factors.items():
+            base, source = lr_finder.seeded_lr(trial.study, run_cfg, obj.dataset, bs)
+            run_cfg = apply_params(run_cfg, {name: base * factor})
+            trial.set_user_attr(trial_attrs.LR_FINDER, base)
+            trial.set_user_attr(trial_attrs.LR_SOURCE, source)
+            trial.set_user_attr(trial_attrs.LR_VALUE, base * factor)
+        return engine.train(
+            run_cfg,
+            obj.dataset,
+            self.report,
+            test=True,
+            quiet=True,
+            cbs=batch_size.guards(obj.cfg.batch_size),
+        )
+
+    def report(self, epoch: int, metrics: dict[str, float]) -> None:
+        metric, trial = self.objective.metric, self.trial
+        if self.objective.tracker is not None:
+            self.objective.tracker.log_epoch(epoch, metrics)
+        if metric not in metrics:
+            raise KeyError(f"study.metric={metric!r} is not one of {sorted(metrics)}")
+        # After a halving the run restarts: the first attempt's reports for these epochs
+        # stand (Optuna keeps the first value of a step anyway).
+        if epoch not in self.reported:
+            self.reported.add(epoch)
+            trial.report(metrics[metric], step=epoch)
+        if trial.should_prune():
+            trial.set_user_attr(trial_attrs.REASON, f"pruned at epoch {epoch}")
+            raise optuna.TrialPruned(f"{metric}={metrics[metric]:.4f} at epoch {epoch}")
+
+    def halved(self, h: batch_size.Halving) -> None:
+        log.warning(
+            "trial %d: %s at batch %d (%s), restarting at %d",
+            self.trial.number,
+            h.cause,
+            h.from_bs,
+            h.detail,
+            h.to_bs,
+        )
+
+
+def trial_summary(trial: optuna.Trial) -> dict[str, Any]:
+    return {"trial": trial.number, **trial.params, **trial.user_attrs}
+
+
+def _run_config(trial_cfg: DictConfig, trial: optuna.Trial) -> dict[str, Any]:
+    """What wandb shows for a trial: the resolved config and its params; the effective batch
+    size and the seeded LR arrive in the run's summary once known."""
+    resolved = OmegaConf.to_container(trial_cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    resolved.pop("search_space", None)
+    return {
+        **resolved,
+        "trial": trial.number,
+        "params": dict(trial.params),
+        trial_attrs.BATCH_REQUESTED: int(trial_cfg.trainer.batch_size),
+    }
+
+
+def save_predictions(result: engine.TrainResult, directory: Path) -> None:
+    """Test-set predictions of the trial, for the report's confusion matrix."""
+    learn = result.learner
+    if learn is None:
+        return
+    with learn.no_bar():
+        probs, targets = learn.get_preds(ds_idx=2)
+    directory.mkdir(parents=True, exist_ok=True)
+    preds = torch.as_tensor(probs).argmax(dim=-1).numpy().astype(np.int32)
+    np.savez_compressed(directory / "test_preds.npz", preds=preds, labels=np.asarray(targets))

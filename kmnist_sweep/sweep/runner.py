@@ -1,0 +1,276 @@
+"""Run a study: plan it (every check, nothing written), open it, let the objective prepare,
+run the workers here, in local processes or as SLURM jobs, then write sweeps/<study>/.
+
+    summary = run_sweep(cfg)          # cfg composed with +sweep=NAME and checked
+
+`study.n_trials` is the study's total of finished (complete + pruned) trials: a second run
+of the same study only adds what is missing. The runner knows the objective only through
+its protocol (sweep/protocol.py): check, prepare, constraint, finish.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from kmnist_sweep.config.check import check_config
+from kmnist_sweep.config.search_space import Param
+from kmnist_sweep.errors import ConfigError, Interrupted, SweepStopped, error_line
+from kmnist_sweep.files import check_writable_dir, write_atomic
+from kmnist_sweep.masking import mask_url, scrub
+from kmnist_sweep.results.outputs import (
+    SweepSummary,
+    hydra_base_overrides,
+    resolved_config,
+    summarize,
+    write_results,
+)
+from kmnist_sweep.sweep import local, optuna_internals, slurm
+from kmnist_sweep.sweep.faults import check_failures, signum_of, stop_on_signals, stop_seen
+from kmnist_sweep.sweep.progress import Progress
+from kmnist_sweep.sweep.protocol import (
+    Factory,
+    SweepObjective,
+    as_sweep_objective,
+    factory_path,
+    load_factory,
+)
+from kmnist_sweep.sweep.storage import STORAGE_ERRORS
+from kmnist_sweep.sweep.study import (
+    FINISHED,
+    build_pruner,
+    build_sampler,
+    create_or_load_study,
+    grid_exhausted,
+    heartbeat_enabled,
+    open_study_storage,
+)
+from kmnist_sweep.sweep.worker import SLOT_LOCK, fault_limits, work
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """Everything a sweep needs, worked out before anything is opened or written."""
+
+    params: list[Param]  # the parsed search space
+    n_trials: int  # finished trials the study should hold
+    jobs: int | None  # launcher=slurm: worker jobs to submit; None: workers on this host
+    devices: list[str | None]  # local workers: CUDA_VISIBLE_DEVICES of each (None: as is)
+    objective_path: str | None  # `module:function` workers import (None: in-process only)
+    objective: SweepObjective  # this process's instance: prepare, finish, in-process trials
+    resolved: dict[str, Any]  # the resolved config, what workers receive
+    out_dir: Path  # sweeps/<study>
+    log_dir: Path  # worker logs (local) or submitit's folder (SLURM)
+
+    @property
+    def in_process(self) -> bool:
+        return self.jobs is None and self.devices == [None]
+
+
+def run_sweep(
+    cfg: DictConfig,
+    objective_factory: Factory | None = None,
+    base_overrides: Sequence[str] | None = None,
+) -> SweepSummary:
+    """Run the study in `cfg.study` over `cfg.search_space` until it holds n_trials trials.
+
+    `objective_factory(cfg)` builds the objective (by default the one `study.objective`
+    names). `base_overrides` are the command-line overrides best.yaml repeats (default:
+    from Hydra's runtime config when there is one).
+    """
+    plan = plan_sweep(cfg, objective_factory)
+    sampler = build_sampler(cfg.study.sampler, plan.params, 0, plan.objective.constraint)
+    pruner = build_pruner(cfg.study.pruner)
+    # Every check of the input is above this line: nothing was created or written so far.
+    storage = open_study_storage(cfg.study)
+    study = create_or_load_study(
+        cfg.study, storage, sampler, pruner, search_space=plan.resolved["search_space"]
+    )
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(
+        plan.out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(scrub(plan.resolved)))
+    )
+    plan.objective.prepare(study)
+    if base_overrides is None:
+        base_overrides = hydra_base_overrides(cfg)
+
+    since = datetime.datetime.now()
+    timeout = cfg.study.get("timeout")
+    deadline = None if timeout is None else time.time() + float(timeout)
+    log.info(
+        "study %s in %s: %d/%d trials finished, %d worker(s)%s",
+        study.study_name,
+        mask_url(str(cfg.study.storage)),
+        len(study.get_trials(deepcopy=False, states=FINISHED)),
+        plan.n_trials,
+        plan.jobs or len(plan.devices),
+        "" if plan.in_process else f", logs in {plan.log_dir}",
+    )
+    worker_status: list[int] = []
+    stopped: BaseException | None = None
+    progress = Progress(study, plan.n_trials, str(cfg.study.metric))
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar prints one line per trial
+    try:
+        with stop_on_signals():
+            worker_status = run_workers(cfg, plan, study, progress, since, deadline)
+        progress.refresh()
+    except (KeyboardInterrupt, SweepStopped) as exc:
+        stop_seen(exc)
+        stopped = exc  # raised again once the outputs are written
+    finally:
+        progress.close()
+        optuna.logging.set_verbosity(verbosity)
+        write_outputs(study, cfg, plan, list(base_overrides))
+    if stopped is not None:
+        raise _as_stop(stopped, study, plan.n_trials) from None
+    return check_total(study, cfg, plan, since, deadline, worker_status)
+
+
+def plan_sweep(cfg: DictConfig, objective_factory: Factory | None) -> Plan:
+    """Check the config (the one pass, config/check.py) and work out the sweep; the objective
+    checks its own input here (the real one loads its data). Writes nothing."""
+    study_cfg = cfg.study
+    params = check_config(cfg)
+    if not params:
+        raise ConfigError("search_space is empty: pick a sweep, e.g. +sweep=batchsize")
+    jobs = slurm.check(cfg.launcher) if _on_slurm(cfg) else None
+    devices: list[str | None] = local.worker_devices(cfg) if jobs is None else []
+    if objective_factory is None:
+        objective_path: str | None = str(study_cfg.objective)
+        factory = load_factory(str(objective_path))
+    else:
+        objective_path, factory = factory_path(objective_factory), objective_factory
+    if objective_path is None and (len(devices) > 1 or jobs is not None):
+        raise ConfigError(
+            "worker processes need an importable objective factory: set study.objective"
+        )
+    objective = as_sweep_objective(factory(cfg))
+    if jobs is None:  # cluster jobs may see other files than this host: they check theirs
+        objective.check()
+    out_dir = Path(str(study_cfg.output_dir))
+    check_writable_dir(out_dir, f"study.output_dir={str(out_dir)!r} cannot be created")
+    log_dir = out_dir / "logs" if jobs is None else Path(str(cfg.launcher.folder))
+    return Plan(
+        params=params,
+        n_trials=int(study_cfg.n_trials),
+        jobs=jobs,
+        devices=devices,
+        objective_path=objective_path,
+        objective=objective,
+        resolved=resolved_config(cfg),
+        out_dir=out_dir,
+        log_dir=log_dir,
+    )
+
+
+def run_workers(
+    cfg: DictConfig,
+    plan: Plan,
+    study: optuna.Study,
+    progress: Progress,
+    since: datetime.datetime,
+    deadline: float | None,
+) -> list[int]:
+    """Run the workers until the study is full; the exit status of each worker process or
+    job ([] when the single worker ran in this process)."""
+    poll = float(cfg.study.get("poll_interval", 1.0))
+    if plan.in_process:
+        work(
+            study,
+            plan.objective,
+            plan.n_trials,
+            deadline=deadline,
+            since=since,
+            poll=poll,
+            heartbeat=heartbeat_enabled(optuna_internals.storage_of(study)),
+            lock_path=plan.out_dir / SLOT_LOCK,
+            on_trial_end=progress.refresh,
+            **fault_limits(cfg.study),
+        )
+        return []
+    payload = {
+        "cfg": plan.resolved,
+        "objective": plan.objective_path,
+        "since": since.isoformat(),
+        "deadline": deadline,
+    }
+    if plan.jobs is None:
+        return local.run_workers(payload, plan.devices, plan.log_dir, progress, poll)
+    return slurm.wait(slurm.submit_workers(cfg, payload), progress, poll)
+
+
+def write_outputs(
+    study: optuna.Study, cfg: DictConfig, plan: Plan, base_overrides: list[str]
+) -> None:
+    """trials.csv, best.yaml, then the objective's own (the report); a failure here is a
+    warning, never an error that would hide why the sweep stopped."""
+    try:
+        write_results(study, cfg, plan.out_dir, base_overrides)
+        plan.objective.finish(study)
+    except Exception as exc:
+        log.warning("could not write %s: %s", plan.out_dir, error_line(exc))
+
+
+def check_total(
+    study: optuna.Study,
+    cfg: DictConfig,
+    plan: Plan,
+    since: datetime.datetime,
+    deadline: float | None,
+    worker_status: list[int],
+) -> SweepSummary:
+    """The summary once the study holds its total (or the grid or time ran out); else
+    SweepStopped saying why and that the same command resumes it."""
+    try:
+        summary = summarize(study, plan.n_trials, mask_url(str(cfg.study.storage)), plan.out_dir)
+        trials = study.get_trials(deepcopy=False)
+    except STORAGE_ERRORS as exc:
+        raise SweepStopped(
+            f"the storage did not answer at the end of the run ({error_line(exc)}); "
+            "run the same command again once it is back"
+        ) from None
+    finished = summary.complete + summary.pruned
+    timed_out = deadline is not None and time.time() >= deadline
+    if finished < plan.n_trials and not grid_exhausted(study) and not timed_out:
+        check_failures(trials, since, fault_limits(cfg.study)["max_failed"])
+        crashed = [f"worker {i} exited with {rc}" for i, rc in enumerate(worker_status) if rc]
+        raise SweepStopped(
+            f"study {study.study_name} stopped at {finished}/{plan.n_trials} finished trials"
+            + (f" ({'; '.join(crashed)}; see {plan.log_dir})" if crashed else "")
+            + ": run the same command again to add the rest"
+        )
+    return summary
+
+
+def _as_stop(stopped: BaseException, study: optuna.Study, n_trials: int) -> BaseException:
+    """A Ctrl-C or SIGTERM as the Interrupted the CLI prints; other stops unchanged."""
+    if not isinstance(stopped, KeyboardInterrupt):
+        return stopped
+    signum = signum_of(stopped)
+    how = "terminated" if signum == signal.SIGTERM else "interrupted"
+    try:
+        count = f"{len(study.get_trials(deepcopy=False, states=FINISHED))}/{n_trials}"
+    except STORAGE_ERRORS:
+        count = f"?/{n_trials} (storage unreachable)"
+    return Interrupted(
+        f"study {study.study_name} {how} at {count} finished trials; running trials were "
+        "recorded as failed: run the same command again to resume",
+        signum,
+    )
+
+
+def _on_slurm(cfg: DictConfig) -> bool:
+    launcher_cfg = cfg.get("launcher")
+    return launcher_cfg is not None and str(launcher_cfg.get("name", "local")) == "slurm"

@@ -1,0 +1,186 @@
+"""An Optuna study from the config: its storage, sampler and pruner, created or loaded.
+
+storage = open_study_storage(cfg.study)
+study = create_or_load_study(cfg.study, storage, build_sampler(...), build_pruner(...))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import optuna
+from omegaconf import DictConfig
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from kmnist_sweep import trial_attrs
+from kmnist_sweep.config.search_space import Param, optuna_name, pow2_exponents, space_difference
+from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.masking import mask_url
+from kmnist_sweep.sweep import optuna_internals
+from kmnist_sweep.sweep.storage import open_storage, quiet_optuna_warnings
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards study.n_trials
+Constraint = Callable[[FrozenTrial], Sequence[float]]
+
+
+def build_sampler(
+    sampler_cfg: DictConfig,
+    params: Sequence[Param] = (),
+    seed_offset: int = 0,
+    constraint: Constraint | None = None,
+) -> optuna.samplers.BaseSampler:
+    """The sampler named by `study.sampler.type`; worker i passes seed_offset=i. `constraint`
+    (the objective's) reaches the samplers that accept one: TPE and GP."""
+    kind = str(sampler_cfg.get("type", "tpe"))
+    seed = sampler_cfg.get("seed")
+    seed = None if seed is None else int(seed) + seed_offset
+    n_startup = int(sampler_cfg.get("n_startup_trials", 10))
+    with quiet_optuna_warnings():
+        if kind == "tpe":
+            # constant_liar: parallel workers treat running trials as bad, so they spread out.
+            return optuna.samplers.TPESampler(
+                seed=seed,
+                n_startup_trials=n_startup,
+                constant_liar=True,
+                constraints_func=constraint,
+            )
+        if kind == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if kind == "grid":
+            return optuna.samplers.GridSampler(grid_space(params), seed=seed)
+        if kind == "cmaes":  # the config check made sure the cmaes package is there
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n_startup)
+        if kind == "gp":
+            return optuna.samplers.GPSampler(
+                seed=seed, n_startup_trials=n_startup, constraints_func=constraint
+            )
+    raise ValueError(f"study.sampler.type={kind!r} passed the config check")
+
+
+def grid_space(params: Sequence[Param]) -> dict[str, list[Any]]:
+    """Every value of each param, under the names the objective suggests them by."""
+    grid: dict[str, list[Any]] = {}
+    for p in params:
+        name = optuna_name(p)
+        if p.type == "categorical":
+            grid[name] = list(p.choices)
+        elif p.type == "pow2":
+            lo, hi = pow2_exponents(p)
+            grid[name] = list(range(lo, hi + 1))
+        elif p.type == "int" and not p.log:
+            grid[name] = list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+        elif p.type == "float" and p.step is not None and not p.log:
+            count = int(round((p.high - p.low) / p.step)) + 1
+            grid[name] = [round(p.low + i * p.step, 12) for i in range(count)]
+        else:
+            raise ConfigError(
+                f"study.sampler.type=grid cannot enumerate search_space.{p.name} ({p.type}"
+                f"{', log' if p.log else ''}): use int, pow2, categorical or float with step"
+            )
+    if not grid:
+        raise ConfigError("study.sampler.type=grid needs a non-empty search_space")
+    return grid
+
+
+def build_pruner(pruner_cfg: DictConfig) -> optuna.pruners.BasePruner:
+    """The pruner named by `study.pruner.type`; its resource is the epoch."""
+    kind = str(pruner_cfg.get("type", "none"))
+    if kind in ("none", "None", "null"):
+        return optuna.pruners.NopPruner()
+    if kind == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=int(pruner_cfg.get("n_startup_trials", 5)),
+            n_warmup_steps=int(pruner_cfg.get("n_warmup_steps", 0)),
+        )
+    min_resource = int(pruner_cfg.get("min_resource", 1))
+    reduction = int(pruner_cfg.get("reduction_factor", 3))
+    if kind == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=min_resource, reduction_factor=reduction
+        )
+    if kind == "hyperband":
+        max_resource = int(pruner_cfg.get("max_resource", 1))
+        return optuna.pruners.HyperbandPruner(
+            min_resource=min_resource, max_resource=max_resource, reduction_factor=reduction
+        )
+    raise ValueError(f"study.pruner.type={kind!r} passed the config check")
+
+
+def create_or_load_study(
+    study_cfg: DictConfig,
+    storage: BaseStorage,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    search_space: dict[str, Any] | None = None,
+) -> optuna.Study:
+    """The study named `study.name`, created on first use; a clashing existing one is an error.
+
+    With `search_space` (the resolved mapping), an existing study must have been created
+    with the same one (same keys, types, bounds and choices, however written), checked
+    before anything is written; a new study, or an older one without it, stores it.
+    """
+    name = str(study_cfg.name)
+    direction = str(study_cfg.direction)
+    metric = str(study_cfg.metric)
+    if direction not in ("maximize", "minimize"):
+        raise ConfigError(f"study.direction={direction!r} is not maximize or minimize")
+    try:
+        study_id: int | None = storage.get_study_id_from_name(name)
+    except KeyError:
+        study_id = None
+    if study_id is not None:
+        directions = [d.name.lower() for d in storage.get_study_directions(study_id)]
+        if directions != [direction]:
+            raise ConfigError(
+                f"study {name!r} already exists in {mask_url(str(study_cfg.storage))} with "
+                f"direction {'/'.join(directions)}, not {direction}: pick another study.name"
+            )
+        attrs = storage.get_study_user_attrs(study_id)
+        old_metric = attrs.get(trial_attrs.STUDY_METRIC)
+        if old_metric is not None and old_metric != metric:
+            raise ConfigError(
+                f"study {name!r} already exists in {mask_url(str(study_cfg.storage))} with "
+                f"metric {old_metric}, not {metric}: pick another study.name"
+            )
+        old_space = attrs.get(trial_attrs.STUDY_SEARCH_SPACE)
+        if search_space is not None and old_space is not None:
+            difference = space_difference(old_space, search_space)
+            if difference is not None:
+                raise ConfigError(
+                    f"study {name!r} already exists in {mask_url(str(study_cfg.storage))} "
+                    f"with another search space ({difference}): pick another study.name"
+                )
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        direction=cast(Any, direction),
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    if study_id is None:
+        study.set_user_attr(trial_attrs.STUDY_METRIC, metric)
+    if search_space is not None and trial_attrs.STUDY_SEARCH_SPACE not in study.user_attrs:
+        study.set_user_attr(trial_attrs.STUDY_SEARCH_SPACE, search_space)
+    return study
+
+
+def open_study_storage(study_cfg: DictConfig) -> BaseStorage:
+    return open_storage(
+        str(study_cfg.storage),
+        heartbeat_interval=study_cfg.get("heartbeat_interval"),
+        grace_period=study_cfg.get("grace_period"),
+        max_retry=study_cfg.get("max_retry", 2),
+    )
+
+
+def heartbeat_enabled(storage: BaseStorage) -> bool:
+    """RDB storages opened with a heartbeat_interval (journal storages have none)."""
+    return optuna_internals.heartbeat_interval(storage) is not None
+
+
+def grid_exhausted(study: optuna.Study) -> bool:
+    sampler = study.sampler
+    return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)

@@ -1,0 +1,316 @@
+"""One worker's loop on a shared study: take a free slot, run a trial, repeat until the
+study holds its total. Local worker processes and SLURM jobs run the same loop.
+
+    work(study, objective, n_trials, heartbeat=True, lock_path=out_dir / SLOT_LOCK)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import FrozenTrial, TrialState
+
+from kmnist_sweep import trial_attrs
+from kmnist_sweep.config.search_space import parse_space
+from kmnist_sweep.errors import SweepStopped, error_line
+from kmnist_sweep.sweep import optuna_internals
+from kmnist_sweep.sweep.faults import (
+    STORAGE_PATIENCE_S,
+    Outage,
+    check_failures,
+    in_trial,
+    quiet_expected_tracebacks,
+    raise_pending,
+    signum_of,
+    stop_on_signals,
+    stop_seen,
+)
+from kmnist_sweep.sweep.protocol import as_sweep_objective, load_factory
+from kmnist_sweep.sweep.storage import STORAGE_ERRORS, quiet_optuna_warnings, storage_cause
+from kmnist_sweep.sweep.study import (
+    FINISHED,
+    build_pruner,
+    build_sampler,
+    create_or_load_study,
+    grid_exhausted,
+    heartbeat_enabled,
+    open_study_storage,
+)
+
+log = logging.getLogger(__name__)
+
+SLOT_LOCK = ".slots.lock"  # file under output_dir that workers on one host take turns on
+
+
+def work(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    n_trials: int,
+    *,
+    deadline: float | None = None,
+    since: datetime.datetime | None = None,
+    poll: float = 1.0,
+    heartbeat: bool = True,
+    lock_path: Path | None = None,
+    on_trial_end: Callable[[], None] | None = None,
+    max_failed: int | None = None,
+    storage_patience: float = STORAGE_PATIENCE_S,
+) -> None:
+    """One worker's loop: run trials until the study holds n_trials finished ones.
+
+    Several workers (processes or machines) may run it on one study. A worker starts a
+    trial only while finished + running + queued < n_trials, or to take a queued retry;
+    otherwise it waits, failing stale trials (dead workers) so their retries get queued.
+    Workers on one host decide and create their trial under the file lock `lock_path`, so
+    two never take the last free slot; across hosts, the later trial (by number) stands down.
+
+    Faults: a storage that stops answering is retried for `storage_patience` seconds, then
+    the worker stops with `SweepStopped` (the study is as the storage last saw it). When
+    `max_failed` trials of this run (all workers) have raised an error, the cause is a bug
+    rather than bad luck: the worker stops instead of failing every remaining trial.
+    SIGTERM is handled as Ctrl-C: the running trial is failed and recorded.
+    """
+    since = since or datetime.datetime.now()
+    slot = _SlotLock(lock_path)
+
+    def guarded(trial: optuna.Trial) -> float:
+        slot.release()  # the trial exists now: other workers count it
+        mine.append(trial.number)
+        try:
+            if _taken_before(study, trial.number, since, heartbeat) >= n_trials:
+                trial.set_user_attr(trial_attrs.SURPLUS, True)
+                raise _Surplus(f"study already holds {n_trials} finished or running trials")
+            if heartbeat:  # before `worker`: see _fail_unstarted
+                optuna_internals.record_heartbeat(study, trial)
+            trial.set_user_attr(trial_attrs.WORKER, os.environ.get("KMNIST_SWEEP_WORKER", "0"))
+            with in_trial():
+                return objective(trial)
+        except (optuna.TrialPruned, _Surplus):
+            raise
+        except STORAGE_ERRORS as exc:
+            with suppress(*STORAGE_ERRORS):  # back already? then say why it failed
+                trial.set_user_attr(trial_attrs.STORAGE_ERROR, error_line(exc))
+            raise
+        except KeyboardInterrupt as exc:
+            stop_seen(exc)
+            trial.set_user_attr(trial_attrs.INTERRUPTED, signal.Signals(signum_of(exc)).name)
+            raise
+        except Exception as exc:  # the trial's own failure, counted against max_failed
+            trial.set_user_attr(trial_attrs.ERROR, error_line(exc))
+            raise
+
+    callbacks = [lambda _s, _t: on_trial_end()] if on_trial_end else []
+    outage: Outage | None = None
+    mine: list[int] = []  # this worker's trial, while the objective runs
+    try:
+        with stop_on_signals(defer=True), quiet_expected_tracebacks():
+            while deadline is None or time.time() < deadline:
+                try:
+                    raise_pending()
+                    slot.acquire()
+                    # Under the lock: SQLite cannot make "RUNNING -> FAIL" atomic, and two
+                    # workers failing one dead trial at once would queue two retries of it.
+                    _fail_stale(study)
+                    trials = study.get_trials(deepcopy=False)
+                    if outage is not None:
+                        _fail_orphans(study, trials, mine)
+                        outage = None
+                    mine.clear()
+                    check_failures(trials, since, max_failed)
+                    finished = sum(t.state in FINISHED for t in trials)
+                    queued = sum(t.state == TrialState.WAITING for t in trials)
+                    running = sum(_counts_as_running(t, since, heartbeat) for t in trials)
+                    if finished >= n_trials or grid_exhausted(study):
+                        return
+                    if queued == 0 and finished + running >= n_trials:
+                        if not heartbeat:
+                            return  # no heartbeat: nobody fails a dead worker's trial
+                        slot.release()
+                        time.sleep(poll)  # others still run; one may die and be retried
+                        continue
+                    with quiet_optuna_warnings():
+                        # A failed trial is recorded with its error and the sweep goes on;
+                        # max_failed stops it when every trial fails.
+                        study.optimize(
+                            guarded, n_trials=1, catch=(Exception,), callbacks=callbacks
+                        )
+                    mine.clear()
+                except optuna.exceptions.UpdateFinishedTrialError as exc:
+                    # Our trial was failed as stale while the storage was away; its retry
+                    # stands in for it.
+                    log.warning("%s; its retry replaces it", error_line(exc))
+                except Exception as exc:
+                    cause = storage_cause(exc)
+                    if cause is None:
+                        raise
+                    slot.release()
+                    outage = outage or Outage(time.time(), storage_patience)
+                    outage.wait(cause)
+                finally:
+                    slot.release()  # in case the trial was never created (ask failed)
+    finally:
+        slot.close()
+
+
+def _fail_orphans(study: optuna.Study, trials: Sequence[FrozenTrial], numbers: list[int]) -> None:
+    """This worker's trial whose end the storage missed: failed now, not left RUNNING until
+    its heartbeat goes stale (nobody would fail it once the study is full)."""
+    for t in trials:
+        if t.number in numbers and t.state == TrialState.RUNNING:
+            _fail_lost(study, t, "lost its end")
+
+
+def _fail_lost(study: optuna.Study, t: FrozenTrial, why: str) -> None:
+    """Fail a RUNNING trial the storage lost track of, saying why (`storage_error`); another
+    worker failing it first is fine."""
+    optuna_internals.set_trial_attr(study, t, trial_attrs.STORAGE_ERROR, why)
+    with suppress(optuna.exceptions.UpdateFinishedTrialError):
+        study.tell(t.number, state=TrialState.FAIL)
+
+
+class _SlotLock:
+    """An exclusive flock on a file: "is a slot free? then create the trial" as one step."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.file = None
+        self.held = False
+        if path is not None and sys.platform != "win32":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a")  # noqa: SIM115 (held for the worker's lifetime)
+
+    def acquire(self) -> None:
+        if self.file is not None and not self.held:
+            import fcntl
+
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+            self.held = True
+
+    def release(self) -> None:
+        if self.file is not None and self.held:
+            import fcntl
+
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.held = False
+
+    def close(self) -> None:
+        self.release()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class _Surplus(Exception):
+    """A trial started after the study already had all it needs."""
+
+
+def _taken_before(
+    study: optuna.Study, number: int, since: datetime.datetime, heartbeat: bool
+) -> int:
+    count = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state in FINISHED:
+            count += t.number != number
+        elif t.number < number and (
+            t.state == TrialState.WAITING or _counts_as_running(t, since, heartbeat)
+        ):
+            count += 1
+    return count
+
+
+def _counts_as_running(t: FrozenTrial, since: datetime.datetime, heartbeat: bool) -> bool:
+    """Running trials hold a slot; without heartbeats, ones older than this run may be dead."""
+    if t.state != TrialState.RUNNING:
+        return False
+    return heartbeat or t.datetime_start is None or t.datetime_start >= since
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with quiet_optuna_warnings():
+        optuna.storages.fail_stale_trials(study)
+    _fail_unstarted(study)
+
+
+def _fail_unstarted(study: optuna.Study) -> None:
+    """Fail RUNNING trials that never reached the objective and whose worker is gone.
+
+    Optuna only fails a trial whose heartbeat went stale; one whose worker lost the storage
+    between creating it and its first heartbeat has none and would stay RUNNING (and hold a
+    slot) for ever. Ours record a heartbeat and then the `worker` attribute before the
+    objective starts, so a trial without that attribute after a grace period is such a one."""
+    storage = optuna_internals.storage_of(study)
+    if not heartbeat_enabled(storage):
+        return
+    grace = optuna_internals.grace_period(storage)
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if (
+            trial_attrs.WORKER not in t.user_attrs
+            and t.datetime_start
+            and t.datetime_start < cutoff
+        ):
+            _fail_lost(study, t, "never started")
+
+
+def fault_limits(study_cfg: DictConfig) -> dict[str, Any]:
+    """work()'s limits from the study config: failing trials, storage outage (seconds)."""
+    max_failed = study_cfg.get("max_failed", 10)
+    return {
+        "max_failed": None if max_failed is None else int(max_failed),
+        "storage_patience": float(study_cfg.get("storage_patience", STORAGE_PATIENCE_S)),
+    }
+
+
+def worker_main() -> None:
+    """Entry of a worker process: a JSON payload on stdin (config, objective, index)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    worker_run(json.loads(sys.stdin.read()))
+
+
+def worker_run(payload: dict[str, Any]) -> None:
+    """One worker on the study in `payload` (as run_sweep builds it, plus `index`): the loop
+    of the runner's worker processes and of the launcher's cluster jobs alike."""
+    index = int(payload["index"])
+    cfg = OmegaConf.create(payload["cfg"])
+    OmegaConf.set_struct(cfg, True)
+    study_cfg = cfg.study
+    params = parse_space(cfg.search_space, cfg)
+    objective = as_sweep_objective(load_factory(str(payload["objective"]))(cfg))
+    storage = open_study_storage(study_cfg)
+    study = create_or_load_study(
+        study_cfg,
+        storage,
+        build_sampler(study_cfg.sampler, params, index, objective.constraint),
+        build_pruner(study_cfg.pruner),
+    )
+    log.info("worker %d (pid %d) joins study %s", index, os.getpid(), study.study_name)
+    try:
+        work(
+            study,
+            objective,
+            int(study_cfg.n_trials),
+            deadline=payload.get("deadline"),
+            since=datetime.datetime.fromisoformat(payload["since"]),
+            poll=float(study_cfg.get("poll_interval", 1.0)),
+            heartbeat=heartbeat_enabled(storage),
+            lock_path=Path(str(study_cfg.output_dir)) / SLOT_LOCK,
+            **fault_limits(study_cfg),
+        )
+    except KeyboardInterrupt as exc:
+        log.info("worker %d interrupted", index)
+        sys.exit(128 + signum_of(exc))
+    except SweepStopped as exc:
+        log.error("worker %d stopped: %s", index, exc)
+        sys.exit(1)
+    log.info("worker %d done", index)

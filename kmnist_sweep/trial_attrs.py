@@ -1,0 +1,62 @@
+"""Every user attribute we store on Optuna trials and studies: its name, who writes it, what
+it holds. Writers and readers import the names from here, never spell them out.
+
+Trial attributes are what trials.csv, the report, the dashboard and wandb show; study
+attributes describe the study itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# ---------------------------------------------------------------- written by the worker loop
+
+WORKER = "worker"  # index of the worker process that ran the trial (str)
+SURPLUS = "surplus"  # True: started after the study was full, failed on purpose
+STORAGE_ERROR = "storage_error"  # why the storage lost the trial (one line)
+INTERRUPTED = "interrupted"  # the signal that stopped it: SIGINT | SIGTERM
+ERROR = "error"  # the trial's own exception, one line: counted against study.max_failed
+
+# Attributes that explain a FAIL; a failed trial without one of them is a bug in the runner.
+FAIL_REASONS = (ERROR, INTERRUPTED, STORAGE_ERROR, SURPLUS)
+
+# ---------------------------------------------------------------- written by the objective
+
+OVERRIDES = "overrides"  # Hydra overrides that retrain the trial exactly (list[str])
+NOTE = "note"  # the dataset's protocol note, e.g. kmnist_sample is not the official split
+REASON = "reason"  # why a trial was pruned (one line)
+BATCH_REQUESTED = "batch_size/requested"  # images per step the sampler asked for
+BATCH_EFFECTIVE = "batch_size/effective"  # images per step the run ended at (0: none fitted)
+BATCH_HALVINGS = "batch_size/halvings"  # [{from_bs, to_bs, cause, detail}, ...]
+LR_FINDER = "lr/finder"  # the LR finder's suggestion for the trial's batch size, per step
+LR_SOURCE = "lr/source"  # where that LR came from, one line
+LR_VALUE = "lr/value"  # the peak LR the trial trained at, per step
+VALID = "val"  # final validation metrics {"val/acc": ..., "val/loss": ...}
+SECONDS = "seconds"  # wall time of the training run that counted, seconds
+TEST = "test"  # final test metrics of the trial
+
+# ---------------------------------------------------------------- study attributes
+
+STUDY_METRIC = "metric"  # the metric key the study optimises, e.g. val/acc
+STUDY_SEARCH_SPACE = "search_space"  # the resolved search space the study was created with
+LR_CURVE_PREFIX = "lr_finder:"  # + curve key: a cached LR range test (JSON)
+
+
+def overrides_of(attrs: Mapping[str, Any]) -> list[str]:
+    """The recorded overrides of a trial, [] when it has none."""
+    return list(attrs.get(OVERRIDES) or [])
+
+
+def batch_sizes(attrs: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(requested, effective) batch sizes of a trial; None where not recorded."""
+    requested, effective = attrs.get(BATCH_REQUESTED), attrs.get(BATCH_EFFECTIVE)
+    return (
+        None if requested is None else int(requested),
+        None if effective is None else int(effective),
+    )
+
+
+def fail_reason(attrs: Mapping[str, Any]) -> str | None:
+    """The first attribute that explains a failed trial, or None."""
+    return next((key for key in FAIL_REASONS if key in attrs), None)
