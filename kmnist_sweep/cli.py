@@ -58,11 +58,15 @@ def sweep(cfg: DictConfig) -> float | None:
     print(
         f"study {summary.study_name}: {summary.complete} complete, {summary.pruned} pruned, "
         f"{summary.failed} failed of {summary.n_trials}; best {cfg.study.metric} "
-        f"{summary.best_value} (trial {summary.best_trial}); "
+        f"{_rounded(summary.best_value)} (trial {summary.best_trial}); "
         f"see {summary.output_dir}/best.yaml and {summary.output_dir}/report/report.html",
         flush=True,
     )
     return summary.best_value
+
+
+def _rounded(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
 
 
 def report_only(cfg: DictConfig) -> None:

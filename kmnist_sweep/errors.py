@@ -42,13 +42,16 @@ def error_line(exc: BaseException, *, typed: bool = True, last: bool = False) ->
     """An error as one line for a message, a log or a trial attribute, secrets masked.
 
     typed:  `Type: first line` of the error behind it (a driver's `orig`, or the cause);
-            otherwise the whole message of `exc` itself with its whitespace collapsed.
+            otherwise the message of `exc` itself (all of it, whitespace collapsed, unless
+            `last`).
     last:   the last line instead of the first (fastai prefixes a callback's error with
             "Exception occured in ...:", so the original message is the last line).
     """
-    if not typed:
+    if not typed and not last:
         return scrub_text(" ".join(str(exc).split()) or type(exc).__name__)
-    cause = exc if last else (getattr(exc, "orig", None) or exc.__cause__ or exc)
+    cause = exc if last or not typed else (getattr(exc, "orig", None) or exc.__cause__ or exc)
     lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
     text = (lines[-1] if last else lines[0]) if lines else ""
+    if not typed:
+        return scrub_text(text or type(cause).__name__)[:500]
     return scrub_text(f"{type(cause).__name__}: {text}")[:500]

@@ -27,14 +27,17 @@ OVERRIDES = "overrides"  # Hydra overrides that retrain the trial exactly (list[
 NOTE = "note"  # the dataset's protocol note, e.g. kmnist_sample is not the official split
 REASON = "reason"  # why a trial was pruned (one line)
 BATCH_REQUESTED = "batch_size/requested"  # images per step the sampler asked for
-BATCH_EFFECTIVE = "batch_size/effective"  # images per step the run ended at (0: none fitted)
+BATCH_EFFECTIVE = "batch_size/effective"  # images per step of the attempt that counted
+BATCH_FITTED = "batch_size/fitted"  # False: not even batch_size.min fitted (the constraint)
 BATCH_HALVINGS = "batch_size/halvings"  # [{from_bs, to_bs, cause, detail}, ...]
 LR_FINDER = "lr/finder"  # the LR finder's suggestion for the trial's batch size, per step
 LR_SOURCE = "lr/source"  # where that LR came from, one line
 LR_VALUE = "lr/value"  # the peak LR the trial trained at, per step
 VALID = "val"  # final validation metrics {"val/acc": ..., "val/loss": ...}
 SECONDS = "seconds"  # wall time of the training run that counted, seconds
-TEST = "test"  # final test metrics of the trial
+IMAGES_PER_S = "speed/images_per_s"  # training images per second (validation excluded)
+SECONDS_PER_EPOCH = "speed/s_per_epoch"  # seconds per training epoch (validation excluded)
+PEAK_MEMORY_MB = "memory/peak_mb"  # MiB: CUDA max_memory_allocated, or peak RSS on a CPU
 
 # ---------------------------------------------------------------- study attributes
 

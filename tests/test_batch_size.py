@@ -55,37 +55,45 @@ def test_fallback_halves_on_oom_and_records_why() -> None:
             raise torch.OutOfMemoryError(f"no room for {bs}")
         return f"done at {bs}"
 
-    result, record = batch_size.fit_with_fallback(run, 512, 16)
+    record = batch_size.Fallback(512)
+    result = batch_size.fit_with_fallback(run, record, 16)
     assert result == "done at 128" and calls == [512, 256, 128]
-    assert record.effective == 128 and record.requested == 512
+    assert record.effective == 128 and record.requested == 512 and record.fitted
     assert [(h.from_bs, h.to_bs, h.cause) for h in record.halvings] == [
         (512, 256, "oom"),
         (256, 128, "oom"),
     ]
-    assert batch_size.constraint(record.as_attrs()) == [2.0]
+    assert batch_size.constraint(record.as_attrs()) == [0.0]  # it fitted at 128
 
 
 def test_fallback_gives_up_below_the_minimum() -> None:
     def run(bs: int) -> None:
         raise batch_size.Diverged("loss is nan at epoch 1 step 2")
 
+    record = batch_size.Fallback(64)
     with pytest.raises(batch_size.BatchSizeExhausted, match="diverged at batch 32.*min=32"):
-        batch_size.fit_with_fallback(run, 64, 32)
+        batch_size.fit_with_fallback(run, record, 32)
+    assert record.effective == 32 and not record.fitted
+    assert batch_size.constraint(record.as_attrs())[0] > 0
 
 
 def test_other_errors_are_not_swallowed() -> None:
     def run(bs: int) -> None:
         raise KeyError("bug")
 
+    record = batch_size.Fallback(64)
     with pytest.raises(KeyError):
-        batch_size.fit_with_fallback(run, 64, 16)
+        batch_size.fit_with_fallback(run, record, 16)
+    assert record.effective == 64 and record.fitted  # the record says where it failed
 
 
 def test_constraint_values() -> None:
     assert batch_size.constraint({}) == [0.0]
     attrs = {"batch_size/requested": 256, "batch_size/effective": 256}
     assert batch_size.constraint(attrs) == [0.0]
-    attrs = {"batch_size/requested": 256, "batch_size/effective": 0}
+    attrs = {"batch_size/requested": 256, "batch_size/effective": 64, "batch_size/fitted": True}
+    assert batch_size.constraint(attrs) == [0.0]  # halved twice, then trained: feasible
+    attrs = {"batch_size/requested": 256, "batch_size/effective": 16, "batch_size/fitted": False}
     assert batch_size.constraint(attrs)[0] > 8
 
 
@@ -110,7 +118,8 @@ def test_injected_oom_in_real_training_halves_twice(
             cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg.batch_size)
         )
 
-    result, record = batch_size.fit_with_fallback(run, 512, 16)
+    record = batch_size.Fallback(512)
+    result = batch_size.fit_with_fallback(run, record, 16)
     assert attempts == [512, 256, 128]
     assert record.effective == 128 and len(record.halvings) == 2
     assert all("epoch 2 step 3" in h.detail for h in record.halvings), record.halvings

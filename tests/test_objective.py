@@ -52,8 +52,10 @@ def test_injected_oom_trial_completes_at_128_with_two_halvings(
         (256, 128, "oom"),
     ]
     assert "trainer.batch_size=128" in attrs["overrides"]
-    assert batch_size.constraint(attrs) == [2.0]
-    assert (tmp_path / "trials" / "0" / "test_preds.npz").exists()
+    # Halved, but it trained: feasible for the sampler, judged by its value.
+    assert attrs["batch_size/fitted"] is True
+    assert batch_size.constraint(attrs) == [0.0]
+    assert (tmp_path / "trials" / "0" / "val_preds.npz").exists()
 
 
 def test_huge_lr_halves_then_ends_with_a_reason(
@@ -75,7 +77,7 @@ def test_huge_lr_halves_then_ends_with_a_reason(
     assert [(h["from_bs"], h["to_bs"], h["cause"]) for h in attrs["batch_size/halvings"]] == [
         (64, 32, "diverged")
     ]
-    assert attrs["batch_size/effective"] == 0
+    assert attrs["batch_size/effective"] == 32 and attrs["batch_size/fitted"] is False
     assert "diverged at batch 32" in attrs["reason"] and "batch_size.min=32" in attrs["reason"]
     assert batch_size.constraint(attrs)[0] > 0
 
@@ -123,7 +125,8 @@ def test_pow2_is_suggested_as_an_exponent(compose_cfg: Callable[..., DictConfig]
 
 
 def _fake_fit(trial: optuna.Trial) -> float:
-    """A trial whose requested batch above 128 'does not fit', run through the real fallback."""
+    """A trial whose requested batch above 128 'does not fit' at any size it may halve to
+    (batch_size.min is the request itself), run through the real fallback."""
     exponent = trial.suggest_int("trainer.batch_size.log2", 5, 11)
 
     def run(bs: int) -> float:
@@ -131,7 +134,11 @@ def _fake_fit(trial: optuna.Trial) -> float:
             raise batch_size.Diverged("too big")  # same path as an OOM
         return math.log2(bs) / 10
 
-    value, record = batch_size.fit_with_fallback(run, 2**exponent, 16)
+    record = batch_size.Fallback(2**exponent)
+    try:
+        value = batch_size.fit_with_fallback(run, record, 2**exponent)
+    except batch_size.BatchSizeExhausted:
+        value = 0.0
     for key, attr in record.as_attrs().items():
         trial.set_user_attr(key, attr)
     return value

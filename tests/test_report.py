@@ -63,9 +63,9 @@ def test_report_writes_valid_pngs_html_and_csv(tmp_path: Path) -> None:
             small_study(),
             tmp_path,
             classes=CLASSES,
-            test_labels=labels,
-            test_preds=preds,
-            test_images=images,
+            labels=labels,
+            preds=preds,
+            images=images,
             lr_curves=[lr_curve(tmp_path / "lr_finder.png")],
             note=NOTE,
         )
@@ -92,8 +92,8 @@ def test_report_writes_valid_pngs_html_and_csv(tmp_path: Path) -> None:
     assert "6 (5 complete, 1 pruned)" in text
     accuracy = float(np.mean(labels == preds))
     balanced = np.mean([np.mean(preds[labels == c] == c) for c in range(10)])
-    assert f"<th>test accuracy</th><td>{accuracy:.4f} ({NOTE})</td>" in text
-    assert f"<th>test balanced accuracy</th><td>{balanced:.4f} ({NOTE})</td>" in text
+    assert f"<th>validation accuracy</th><td>{accuracy:.4f} ({NOTE})</td>" in text
+    assert f"<th>validation balanced accuracy</th><td>{balanced:.4f} ({NOTE})</td>" in text
 
     with (page.parent / "confusion.csv").open(encoding="utf-8") as f:
         rows = list(csv.reader(f))
@@ -122,9 +122,9 @@ def test_sparse_study_skips_plots_with_a_note(tmp_path: Path) -> None:
 
     # Predictions that do not fit the classes lose the confusion matrix, not the report.
     labels, preds = np.array([0, 1]), np.array([0, 2])
-    text = write_report(
-        study, tmp_path, classes=["a", "b"], test_labels=labels, test_preds=preds
-    ).read_text(encoding="utf-8")
+    text = write_report(study, tmp_path, classes=["a", "b"], labels=labels, preds=preds).read_text(
+        encoding="utf-8"
+    )
     assert "not drawn: predictions outside 0..1" in text
 
 
@@ -140,9 +140,9 @@ def test_labels_fall_back_to_code_points_without_a_cjk_font(
             optuna.create_study(),
             tmp_path,
             classes=CLASSES,
-            test_labels=labels,
-            test_preds=preds,
-            test_images=images,
+            labels=labels,
+            preds=preds,
+            images=images,
         )
     assert not glyph_warnings(caught)
     for name in ("confusion.png", "misclassified.png"):

@@ -42,7 +42,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "int": ("low", "high"),
     "pow2": ("low", "high"),
     "categorical": ("choices",),
-    "lr_finder": ("low_factor", "high_factor"),
+    "lr_finder": (),  # without factors: exactly the finder's LR, seeded and not searched
 }
 # Keys whose range the rest of the project relies on.
 EPOCHS_KEY = "trainer.epochs"
@@ -61,8 +61,13 @@ class Param:
     log: bool = False  # float/int: sample uniformly in log space
     step: float | None = None  # float/int: grid step (None: continuous float, 1 for int)
     choices: tuple[Any, ...] = ()  # categorical: the values
-    low_factor: float = 0.0  # lr_finder: lowest multiple of the finder's LR (< 1)
-    high_factor: float = 0.0  # lr_finder: highest multiple of the finder's LR (> 1)
+    low_factor: float = 0.0  # lr_finder: lowest multiple of the finder's LR (< 1; 1 = seeded)
+    high_factor: float = 0.0  # lr_finder: highest multiple of the finder's LR (> 1; 1 = seeded)
+
+    @property
+    def searched(self) -> bool:
+        """False for an lr_finder key without factors: set from the finder, not sampled."""
+        return not (self.type == "lr_finder" and self.low_factor == self.high_factor == 1.0)
 
 
 def parse_space(
@@ -113,6 +118,8 @@ def describe(param: Param) -> str:
     if param.type == "categorical":
         return f"categorical {list(param.choices)}"
     if param.type == "lr_finder":
+        if not param.searched:
+            return "lr_finder (the finder's LR)"
         return f"lr_finder x{param.low_factor:g}..x{param.high_factor:g}"
     text = f"{param.type} {param.low:g}..{param.high:g}"
     if param.log:
@@ -286,6 +293,12 @@ def _parse_categorical(name: str, where: str, spec: Mapping[str, Any]) -> Param:
 
 
 def _parse_lr_finder(name: str, where: str, spec: Mapping[str, Any]) -> Param:
+    given = [f for f in ("low_factor", "high_factor") if spec.get(f) is not None]
+    if not given:  # {type: lr_finder}: the finder's LR itself, for every trial
+        return Param(name, "lr_finder", low_factor=1.0, high_factor=1.0)
+    if len(given) == 1:
+        missing = "high_factor" if given == ["low_factor"] else "low_factor"
+        raise ConfigError(f"{where}: type lr_finder needs '{missing}' with '{given[0]}'")
     low = _number(where, "low_factor", spec["low_factor"], integral=False)
     high = _number(where, "high_factor", spec["high_factor"], integral=False)
     if not 0 < low < 1 < high:

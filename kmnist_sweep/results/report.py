@@ -27,6 +27,13 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from kmnist_sweep.data.datasets import load_dataset
+from kmnist_sweep.results.batchsize import (
+    SizeAnswer,
+    answer_text,
+    plot_sizes,
+    size_answer,
+    size_table,
+)
 from kmnist_sweep.results.confusion import (
     CONFUSION_CSV,
     SkipPlot,
@@ -41,6 +48,7 @@ from kmnist_sweep.results.tracking import Tracker
 log = logging.getLogger(__name__)
 
 DPI = 110  # dots per inch of every PNG
+VALID_PREDICTIONS = "val_preds.npz"  # per trial, under sweeps/<study>/trials/<number>/
 
 
 # ---------------------------------------------------------------- the report
@@ -51,6 +59,7 @@ class Section:
     title: str
     image: str = ""  # file name inside report/, "" when skipped
     note: str = ""  # why it was skipped, or what to read from it
+    table: list[list[str]] = field(default_factory=list)  # header row first; shown under it
 
 
 @dataclass
@@ -58,20 +67,24 @@ class Report:
     directory: Path
     sections: list[Section] = field(default_factory=list)
 
-    def add(self, title: str, name: str, draw: Callable[[], Figure]) -> None:
+    def add(
+        self, title: str, name: str, draw: Callable[[], Figure], note: str = ""
+    ) -> Section | None:
         """Draw a figure into `name`.png; a failure is recorded as a note in the page."""
         try:
             figure = draw()
         except SkipPlot as reason:
             self.sections.append(Section(title, note=str(reason)))
-            return
+            return None
         except Exception as err:  # a plot must never lose a finished sweep
             log.warning("report: %s not drawn (%s: %s)", title, type(err).__name__, err)
             self.sections.append(Section(title, note=f"not drawn: {type(err).__name__}: {err}"))
-            return
+            return None
         figure.savefig(self.directory / f"{name}.png", dpi=DPI, bbox_inches="tight")
         _close(figure)
-        self.sections.append(Section(title, image=f"{name}.png"))
+        section = Section(title, image=f"{name}.png", note=note)
+        self.sections.append(section)
+        return section
 
 
 def write_report(
@@ -79,17 +92,23 @@ def write_report(
     out_dir: Path,
     *,
     classes: Sequence[str] | None = None,
-    test_labels: np.ndarray | None = None,
-    test_preds: np.ndarray | None = None,
-    test_images: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    preds: np.ndarray | None = None,
+    images: np.ndarray | None = None,
+    split: str = "validation",
     lr_curves: Sequence[Path] = (),
     note: str = "",
+    sizes: SizeAnswer | None = None,
 ) -> Path:
-    """Write PNGs, confusion.csv and report.html into `out_dir`/report; return the HTML path."""
+    """Write PNGs, confusion.csv and report.html into `out_dir`/report; return the HTML path.
+    `labels`, `preds` and `images` are one split's (`split`): a sweep's report shows the best
+    trial's validation predictions; the test split belongs to the final model alone."""
     matplotlib.use("Agg")  # files only: never open a window, even where a display exists
     directory = Path(out_dir) / "report"
     directory.mkdir(parents=True, exist_ok=True)
     report = Report(directory)
+    if sizes is not None:  # a batch-size study opens with its answer
+        add_size_answer(report, sizes)
     # Optuna switches pyplot to its "ggplot" style; rc_context puts the caller's style back.
     with warnings.catch_warnings(), matplotlib.rc_context():
         # Optuna marks its matplotlib plots experimental, and its axes warn when every trial
@@ -101,15 +120,27 @@ def write_report(
         report.sections.append(copy_curve(Path(curve), directory, i))
 
     scores: dict[str, float] = {}
-    if test_labels is not None and test_preds is not None:
+    if labels is not None and preds is not None:
         try:
-            scores = add_test_plots(report, classes, test_labels, test_preds, test_images)
+            scores = add_split_plots(report, classes, labels, preds, images, split)
         except ValueError as err:  # predictions that do not fit the classes
             log.warning("report: no confusion matrix (%s)", err)
-            report.sections.append(Section("Confusion matrix (test)", note=f"not drawn: {err}"))
+            title = f"Confusion matrix ({split})"
+            report.sections.append(Section(title, note=f"not drawn: {err}"))
     page = directory / "report.html"
     page.write_text(render_html(study, report, scores, note), encoding="utf-8")
     return page
+
+
+def add_size_answer(report: Report, answer: SizeAnswer) -> None:
+    section = report.add(
+        "Batch size: accuracy and speed",
+        "batch_size",
+        lambda: plot_sizes(answer.rows, answer.pick, answer.metric),
+        note=answer_text(answer),
+    )
+    if section is not None:
+        section.table = size_table(answer)
 
 
 # ---------------------------------------------------------------- Optuna's plots
@@ -192,37 +223,40 @@ def copy_curve(curve: Path, directory: Path, index: int) -> Section:
     return Section(title, image=name)
 
 
-# ---------------------------------------------------------------- test-set figures
+# ---------------------------------------------------------------- one split's figures
 
 
-def add_test_plots(
+def add_split_plots(
     report: Report,
     classes: Sequence[str] | None,
-    test_labels: np.ndarray,
-    test_preds: np.ndarray,
-    test_images: np.ndarray | None,
+    labels: np.ndarray,
+    preds: np.ndarray,
+    images: np.ndarray | None,
+    split: str,
 ) -> dict[str, float]:
-    """confusion.csv, the confusion matrix and the misclassified grid; returns the test
-    accuracy and balanced accuracy (K49's metric) they imply."""
-    labels, preds = np.asarray(test_labels), np.asarray(test_preds)
+    """confusion.csv, the confusion matrix and the misclassified grid of one split; returns
+    the accuracy and balanced accuracy (K49's metric) they imply."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
     names = list(classes) if classes else [str(c) for c in range(int(labels.max()) + 1)]
     matrix = confusion_matrix(labels, preds, len(names))
     write_confusion_csv(report.directory / CONFUSION_CSV, matrix, names)
     font = find_cjk_font("".join(names) + "→")
-    report.add("Confusion matrix (test)", "confusion", lambda: plot_confusion(matrix, names, font))
-    if test_images is not None:
-        images = np.asarray(test_images)
+    report.add(
+        f"Confusion matrix ({split})", "confusion", lambda: plot_confusion(matrix, names, font)
+    )
+    if images is not None:
+        pixels = np.asarray(images)
         report.add(
-            "Misclassified test images (true→predicted)",
+            f"Misclassified {split} images (true→predicted)",
             "misclassified",
-            lambda: plot_misclassified(images, labels, preds, names, font),
+            lambda: plot_misclassified(pixels, labels, preds, names, font),
         )
     support = matrix.sum(axis=1)
     seen = support > 0
     recall = np.diag(matrix)[seen] / support[seen]
     return {
-        "test accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
-        "test balanced accuracy": float(recall.mean()) if recall.size else 0.0,
+        f"{split} accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
+        f"{split} balanced accuracy": float(recall.mean()) if recall.size else 0.0,
     }
 
 
@@ -261,6 +295,16 @@ def render_html(study: optuna.Study, report: Report, scores: dict[str, float], n
             if s.image
             else f'<p class="note">{html.escape(s.note)}</p>'
         )
+        if s.image and s.note:
+            body += f'<p class="rule">{html.escape(s.note)}</p>'
+        if s.table:
+            head, *body_rows = s.table
+            cells = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+            lines = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                for row in body_rows
+            )
+            body += f'<table class="grid"><tr>{cells}</tr>{lines}</table>'
         figures.append(f"<figure><figcaption>{html.escape(s.title)}</figcaption>{body}</figure>")
     csv_link = f'<p><a href="{CONFUSION_CSV}">{CONFUSION_CSV}</a></p>' if scores else ""
     protocol = f'<p class="note">{html.escape(note)}</p>' if note else ""
@@ -277,6 +321,7 @@ figure {{ margin: 2em 0; }}
 figcaption {{ font-weight: bold; margin-bottom: 0.5em; }}
 img {{ max-width: 100%; }}
 .note {{ color: #a33; }}
+.grid td, .grid th {{ border-bottom: 1px solid #ddd; text-align: right; }}
 </style>
 </head>
 <body>
@@ -300,8 +345,8 @@ def _format(value: Any) -> str:
 
 
 def report_sweep(study: optuna.Study, cfg: DictConfig) -> Path:
-    """The report of a sweep: study plots, LR-finder curves, and the best trial's test
-    predictions (saved by the objective) against the test images; also sent to wandb."""
+    """The report of a sweep: study plots, LR-finder curves, and the best trial's validation
+    predictions (saved by the objective) against the validation images; also sent to wandb."""
     out_dir = Path(str(cfg.study.output_dir))
     dataset = load_dataset(cfg.data)
     labels = preds = images = None
@@ -310,21 +355,23 @@ def report_sweep(study: optuna.Study, cfg: DictConfig) -> Path:
     except ValueError:  # no complete trial yet
         best = None
     if best is not None:
-        saved = out_dir / "trials" / str(best.number) / "test_preds.npz"
+        saved = out_dir / "trials" / str(best.number) / VALID_PREDICTIONS
         if saved.exists():
             with np.load(saved) as npz:
                 preds, labels = npz["preds"], npz["labels"]
-            images = dataset.test.images.numpy()
+            images = dataset.valid.images.numpy()
     curves = sorted((out_dir / "lr_finder").glob("*.png"))
+    sizes = size_answer(study, str(cfg.study.metric), len(dataset.valid))
     page = write_report(
         study,
         out_dir,
         classes=dataset.classes,
-        test_labels=labels,
-        test_preds=preds,
-        test_images=images,
+        labels=labels,
+        preds=preds,
+        images=images,
         lr_curves=curves,
         note=dataset.note,
+        sizes=sizes,
     )
     tracker = Tracker(cfg.tracking, study.study_name, out_dir)
     summary: dict[str, object] = {"study": study.study_name, "n_trials": len(study.trials)}

@@ -31,7 +31,11 @@ from kmnist_sweep.config.search_space import (
     to_overrides,
 )
 from kmnist_sweep.data.datasets import Dataset, load_dataset
+from kmnist_sweep.errors import error_line
+from kmnist_sweep.files import write_atomic
 from kmnist_sweep.results import report
+from kmnist_sweep.results.batchsize import size_answer
+from kmnist_sweep.results.report import VALID_PREDICTIONS
 from kmnist_sweep.results.tracking import Tracker
 from kmnist_sweep.train import batch_size, engine, lr_finder
 
@@ -60,6 +64,8 @@ def suggest_params(trial: optuna.Trial, params: list[Param]) -> dict[str, Any]:
             values[p.name] = 2 ** trial.suggest_int(f"{p.name}.log2", lo, hi)
         elif p.type == "categorical":
             values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.type == "lr_finder" and not p.searched:
+            values[f"{p.name}.factor"] = 1.0  # the finder's LR itself: nothing to sample
         elif p.type == "lr_finder":
             values[f"{p.name}.factor"] = trial.suggest_float(
                 f"{p.name}.factor", p.low_factor, p.high_factor, log=True
@@ -102,14 +108,25 @@ class TrainingObjective:
         _ = self.dataset
 
     def prepare(self, study: optuna.Study) -> None:
-        lr_finder.prepare(study, self.cfg, self.seeded, lambda: self.dataset)
+        searched = [p.name for p in self.params if p.type == "lr_finder" and p.searched]
+        lr_finder.prepare(study, self.cfg, self.seeded, lambda: self.dataset, searched)
 
     def constraint(self, trial: FrozenTrial) -> Sequence[float]:
         return batch_size.constraint(trial.user_attrs)
 
     def finish(self, study: optuna.Study) -> None:
+        """The report, and for a batch-size study its answer on one line."""
         if self.cfg.study.get("report", True):
             log.info("report: %s", report.report_sweep(study, self.cfg))
+        answer = size_answer(study, self.metric, len(self.dataset.valid))
+        if answer is not None and answer.pick is not None:
+            pick = answer.pick
+            print(
+                f"batch size: use {pick.batch_size} ({self.metric} {pick.value:.4f}, "
+                f"{pick.images_per_s:.0f} images/s; largest that fitted: "
+                f"{pick.largest_fitted}); {pick.rule}",
+                flush=True,
+            )
 
     # ---------------------------------------------------------------- one trial
 
@@ -120,33 +137,35 @@ class TrainingObjective:
         values = suggest_params(trial, self.params)
         factors = {name: values.pop(f"{name}.factor") for name in self.seeded}
         trial_cfg = apply_params(self.cfg, values)
-        requested = int(trial_cfg.trainer.batch_size)
         trial.set_user_attr(trial_attrs.OVERRIDES, to_overrides(values))
         if self.dataset.note:
             trial.set_user_attr(trial_attrs.NOTE, self.dataset.note)
         run = _TrialRun(self, trial, trial_cfg, factors)
+        record = batch_size.Fallback(int(trial_cfg.trainer.batch_size))
         state, reason = "failed", ""
-        record = batch_size.Fallback(requested)
         self.tracker.start_trial(trial.number, _run_config(trial_cfg, trial))
         try:
-            result, record = batch_size.fit_with_fallback(
-                run.attempt, requested, int(self.cfg.batch_size.min), run.halved
+            result = batch_size.fit_with_fallback(
+                run.attempt, record, int(self.cfg.batch_size.min), run.halved
             )
+            trial.set_user_attr(trial_attrs.VALID, result.valid)
+            for key, value in performance(result).items():
+                trial.set_user_attr(key, value)
             state = "complete"
         except batch_size.BatchSizeExhausted as exc:
             # Pruned, not failed: samplers learn from pruned trials (and their constraint),
             # while a failed trial teaches them nothing.
-            state, reason, record = "pruned", str(exc), exc.record
+            state, reason = "pruned", str(exc)
             trial.set_user_attr(trial_attrs.REASON, reason)
             raise optuna.TrialPruned(reason) from None
         except optuna.TrialPruned as exc:
             state, reason = "pruned", str(exc)
             raise
         except Exception as exc:
-            lines = str(exc).strip().splitlines()
-            reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+            reason = error_line(exc, last=True)
             raise
         finally:
+            # Every end state keeps what happened to its batch size (and its LR).
             for key, value in record.as_attrs().items():
                 trial.set_user_attr(key, value)
             self.tracker.end_trial(state, reason, trial_summary(trial))
@@ -154,15 +173,21 @@ class TrainingObjective:
         final = {**values, "trainer.batch_size": record.effective}
         final.update({name: float(trial.user_attrs[trial_attrs.LR_VALUE]) for name in factors})
         trial.set_user_attr(trial_attrs.OVERRIDES, to_overrides(final))
-        # Kept for the record, never returned: the sampler must not see the test set.
-        trial.set_user_attr(trial_attrs.TEST, result.test)
-        trial.set_user_attr(trial_attrs.VALID, result.valid)
-        trial.set_user_attr(trial_attrs.SECONDS, round(result.seconds, 2))
         try:
             save_predictions(result, self.out_dir / "trials" / str(trial.number))
         except OSError as exc:  # a full or read-only disk costs the report a figure, not the trial
-            log.warning("trial %d: could not save test predictions: %s", trial.number, exc)
+            log.warning("trial %d: could not save predictions: %s", trial.number, exc)
         return result.valid[self.metric]
+
+
+def performance(result: engine.TrainResult) -> dict[str, Any]:
+    """What the trial cost, as trial attributes: speed, time and memory of the run that counted."""
+    return {
+        trial_attrs.SECONDS: round(result.seconds, 2),
+        trial_attrs.IMAGES_PER_S: round(result.images_per_s, 1),
+        trial_attrs.SECONDS_PER_EPOCH: round(result.seconds_per_epoch, 3),
+        trial_attrs.PEAK_MEMORY_MB: round(result.peak_memory / 2**20, 1),
+    }
 
 
 class _TrialRun:
@@ -180,6 +205,12 @@ class _TrialRun:
         self.trial_cfg = trial_cfg
         self.factors = factors  # searched key -> multiple of the LR finder's suggestion
         self.reported: set[int] = set()
+        self.epochs = int(trial_cfg.trainer.epochs)
+        # When the length of the schedule is searched, trials report at the fraction of
+        # their own one-cycle schedule done (percent), so the pruner compares a 30-epoch run
+        # half-way with a 5-epoch run half-way, not with its annealed end.
+        self.by_fraction = any(p.name == "trainer.epochs" for p in objective.params)
+        self.warmup = int(objective.cfg.study.pruner.get("n_warmup_steps", 0) or 0)
 
     def attempt(self, bs: int) -> engine.TrainResult:
         obj, trial = self.objective, self.trial
@@ -189,15 +220,18 @@ class _TrialRun:
             run_cfg = apply_params(run_cfg, {name: base * factor})
             trial.set_user_attr(trial_attrs.LR_FINDER, base)
             trial.set_user_attr(trial_attrs.LR_SOURCE, source)
-            trial.set_user_attr(trial_attrs.LR_VALUE, base * factor)
+        trial.set_user_attr(trial_attrs.LR_VALUE, float(run_cfg.trainer.lr))
         return engine.train(
             run_cfg,
             obj.dataset,
             self.report,
-            test=True,
             quiet=True,
             cbs=batch_size.guards(obj.cfg.batch_size),
         )
+
+    def step(self, epoch: int) -> int:
+        """The pruner's step for an epoch: the epoch, or the percent of the schedule done."""
+        return round(100 * epoch / self.epochs) if self.by_fraction else epoch
 
     def report(self, epoch: int, metrics: dict[str, float]) -> None:
         metric, trial = self.objective.metric, self.trial
@@ -207,9 +241,16 @@ class _TrialRun:
             raise KeyError(f"study.metric={metric!r} is not one of {sorted(metrics)}")
         # After a halving the run restarts: the first attempt's reports for these epochs
         # stand (Optuna keeps the first value of a step anyway).
-        if epoch not in self.reported:
-            self.reported.add(epoch)
-            trial.report(metrics[metric], step=epoch)
+        step = self.step(epoch)
+        if step not in self.reported:
+            self.reported.add(step)
+            trial.report(metrics[metric], step=step)
+        # By fraction, the pruner's own warm-up (in steps) is off: a trial runs
+        # study.pruner.n_warmup_steps of its own epochs before it may be pruned.
+        if self.by_fraction and epoch < self.warmup:
+            return
+        if epoch == self.epochs:
+            return  # the run is done: stopping it now would save nothing
         if trial.should_prune():
             trial.set_user_attr(trial_attrs.REASON, f"pruned at epoch {epoch}")
             raise optuna.TrialPruned(f"{metric}={metrics[metric]:.4f} at epoch {epoch}")
@@ -244,12 +285,15 @@ def _run_config(trial_cfg: DictConfig, trial: optuna.Trial) -> dict[str, Any]:
 
 
 def save_predictions(result: engine.TrainResult, directory: Path) -> None:
-    """Test-set predictions of the trial, for the report's confusion matrix."""
+    """Validation predictions of the trial, for the report's confusion matrix. Sweeps never
+    touch the test split: only `final` evaluates a chosen config on it, once."""
     learn = result.learner
     if learn is None:
         return
     with learn.no_bar():
-        probs, targets = learn.get_preds(ds_idx=2)
-    directory.mkdir(parents=True, exist_ok=True)
+        probs, targets = learn.get_preds(ds_idx=1)
     preds = torch.as_tensor(probs).argmax(dim=-1).numpy().astype(np.int32)
-    np.savez_compressed(directory / "test_preds.npz", preds=preds, labels=np.asarray(targets))
+    write_atomic(
+        directory / VALID_PREDICTIONS,
+        lambda f: np.savez_compressed(f, preds=preds, labels=np.asarray(targets)),
+    )

@@ -50,6 +50,7 @@ from kmnist_sweep.sweep.study import (
     build_pruner,
     build_sampler,
     create_or_load_study,
+    epochs_searched_up_to,
     grid_exhausted,
     heartbeat_enabled,
     open_study_storage,
@@ -91,7 +92,7 @@ def run_sweep(
     """
     plan = plan_sweep(cfg, objective_factory)
     sampler = build_sampler(cfg.study.sampler, plan.params, 0, plan.objective.constraint)
-    pruner = build_pruner(cfg.study.pruner)
+    pruner = build_pruner(cfg.study.pruner, epochs_searched_up_to(plan.params))
     # Every check of the input is above this line: nothing was created or written so far.
     storage = open_study_storage(cfg.study)
     study = create_or_load_study(

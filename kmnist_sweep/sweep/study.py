@@ -6,6 +6,7 @@ study = create_or_load_study(cfg.study, storage, build_sampler(...), build_prune
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -63,6 +64,8 @@ def grid_space(params: Sequence[Param]) -> dict[str, list[Any]]:
     """Every value of each param, under the names the objective suggests them by."""
     grid: dict[str, list[Any]] = {}
     for p in params:
+        if not p.searched:
+            continue
         name = optuna_name(p)
         if p.type == "categorical":
             grid[name] = list(p.choices)
@@ -84,24 +87,35 @@ def grid_space(params: Sequence[Param]) -> dict[str, list[Any]]:
     return grid
 
 
-def build_pruner(pruner_cfg: DictConfig) -> optuna.pruners.BasePruner:
-    """The pruner named by `study.pruner.type`; its resource is the epoch."""
+def build_pruner(
+    pruner_cfg: DictConfig, longest_epochs: int | None = None
+) -> optuna.pruners.BasePruner:
+    """The pruner named by `study.pruner.type`; its resource is the epoch.
+
+    When the number of epochs is searched (up to `longest_epochs`), trials report at
+    the percent of their own schedule done (sweep/objective.py), and the resource is that
+    percent: Hyperband's budget is the whole schedule (100) whatever its length, min_resource
+    the same share of the longest schedule, and the median pruner's warm-up is counted in
+    each trial's own epochs by the objective."""
     kind = str(pruner_cfg.get("type", "none"))
+    by_fraction = longest_epochs is not None
     if kind in ("none", "None", "null"):
         return optuna.pruners.NopPruner()
     if kind == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=int(pruner_cfg.get("n_startup_trials", 5)),
-            n_warmup_steps=int(pruner_cfg.get("n_warmup_steps", 0)),
+            n_warmup_steps=0 if by_fraction else int(pruner_cfg.get("n_warmup_steps", 0)),
         )
     min_resource = int(pruner_cfg.get("min_resource", 1))
     reduction = int(pruner_cfg.get("reduction_factor", 3))
+    if longest_epochs is not None:
+        min_resource = max(1, math.ceil(100 * min_resource / max(longest_epochs, 1)))
     if kind == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(
             min_resource=min_resource, reduction_factor=reduction
         )
     if kind == "hyperband":
-        max_resource = int(pruner_cfg.get("max_resource", 1))
+        max_resource = 100 if by_fraction else int(pruner_cfg.get("max_resource", 1))
         return optuna.pruners.HyperbandPruner(
             min_resource=min_resource, max_resource=max_resource, reduction_factor=reduction
         )
@@ -162,6 +176,7 @@ def create_or_load_study(
     )
     if study_id is None:
         study.set_user_attr(trial_attrs.STUDY_METRIC, metric)
+        study.set_metric_names([metric])  # optuna-dashboard shows val/acc, not "Objective 0"
     if search_space is not None and trial_attrs.STUDY_SEARCH_SPACE not in study.user_attrs:
         study.set_user_attr(trial_attrs.STUDY_SEARCH_SPACE, search_space)
     return study
@@ -174,6 +189,14 @@ def open_study_storage(study_cfg: DictConfig) -> BaseStorage:
         grace_period=study_cfg.get("grace_period"),
         max_retry=study_cfg.get("max_retry", 2),
     )
+
+
+def epochs_searched_up_to(params: Sequence[Param]) -> int | None:
+    """The longest schedule a search space asks for, when it searches trainer.epochs."""
+    for p in params:
+        if p.name == "trainer.epochs":
+            return int(max(p.choices) if p.type == "categorical" else p.high)
+    return None
 
 
 def heartbeat_enabled(storage: BaseStorage) -> bool:

@@ -44,6 +44,7 @@ from kmnist_sweep.sweep.study import (
     build_pruner,
     build_sampler,
     create_or_load_study,
+    epochs_searched_up_to,
     grid_exhausted,
     heartbeat_enabled,
     open_study_storage,
@@ -292,7 +293,7 @@ def worker_run(payload: dict[str, Any]) -> None:
         study_cfg,
         storage,
         build_sampler(study_cfg.sampler, params, index, objective.constraint),
-        build_pruner(study_cfg.pruner),
+        build_pruner(study_cfg.pruner, epochs_searched_up_to(params)),
     )
     log.info("worker %d (pid %d) joins study %s", index, os.getpid(), study.study_name)
     try:

@@ -13,6 +13,7 @@ of steps, so resuming mid-way would train a schedule that no config describes, a
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import random
 from collections.abc import Callable
@@ -22,8 +23,12 @@ from typing import Any, TypeVar
 import torch
 from fastai.callback.core import Callback
 from omegaconf import DictConfig
+from torch import nn
 
 from kmnist_sweep import trial_attrs
+from kmnist_sweep.errors import error_line
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -39,10 +44,6 @@ class Diverged(RuntimeError):
 class BatchSizeExhausted(RuntimeError):
     """Halving reached below batch_size.min; the message says what kept failing."""
 
-    def __init__(self, message: str, record: Fallback) -> None:  # noqa: F821
-        super().__init__(message)
-        self.record = record  # every halving up to the last, effective batch 0
-
 
 @dataclass
 class Halving:
@@ -50,18 +51,24 @@ class Halving:
     to_bs: int  # images per step after
     cause: str  # "oom" or "diverged"
     detail: str  # where and why, one line
+    left_allocated: int = 0  # bytes the failed attempt still held on CUDA once freed (0 on CPU)
 
 
 @dataclass
 class Fallback:
+    """What happened to a trial's batch size, whatever the trial's end (complete, pruned by
+    the pruner, failed): the objective writes it as trial attributes in every case."""
+
     requested: int  # images per step asked for
-    effective: int = 0  # images per step the run completed at
+    effective: int = 0  # images per step of the attempt that counted (the last one)
+    fitted: bool = True  # False: even batch_size.min ran out of memory or diverged
     halvings: list[Halving] = field(default_factory=list)
 
     def as_attrs(self) -> dict[str, Any]:
         return {
             trial_attrs.BATCH_REQUESTED: self.requested,
             trial_attrs.BATCH_EFFECTIVE: self.effective,
+            trial_attrs.BATCH_FITTED: self.fitted,
             trial_attrs.BATCH_HALVINGS: [vars(h) for h in self.halvings],
         }
 
@@ -73,53 +80,73 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def allocated() -> int:
+    """Bytes of tensors alive on the current CUDA device; 0 without CUDA."""
+    return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0
+
+
 def free_memory() -> None:
-    """Drop what the failed attempt held so the halved batch starts from an empty cache."""
+    """Drop what a failed attempt held. Call it outside any `except` block: while an
+    exception is being handled, its traceback keeps the attempt's frames (the Learner, the
+    model, the optimiser state, the activations) alive."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
+@dataclass
+class _Failure:
+    cause: str  # "oom" or "diverged"
+    detail: str  # the error's message, one line
+
+
+def _attempt(run: Callable[[int], T], bs: int, record: Fallback) -> T | _Failure:
+    """`run(bs)`; an OOM or divergence comes back as a _Failure with nothing of the attempt
+    left referenced; any other error (a prune too) propagates with `record` at this batch."""
+    record.effective = bs
+    try:
+        return run(bs)
+    except Exception as exc:
+        if is_oom(exc):
+            cause = "oom"
+        elif isinstance(exc, Diverged):
+            cause = "diverged"
+        else:
+            raise
+        # fastai prefixes a callback's error with "Exception occured in ...:", so the
+        # original message is the last line.
+        return _Failure(cause, error_line(exc, typed=False, last=True))
+
+
 def fit_with_fallback(
     run: Callable[[int], T],
-    requested: int,
+    record: Fallback,
     minimum: int,
     on_halve: Callable[[Halving], None] | None = None,
-) -> tuple[T, Fallback]:
-    """Call `run(batch)` from `requested` down by halves until one attempt completes."""
-    record = Fallback(requested)
-    bs = requested
+) -> T:
+    """Call `run(batch)` from `record.requested` down by halves until one attempt completes;
+    `record` says what happened however the trial ends."""
+    bs = record.requested
     while True:
-        try:
-            result = run(bs)
-        except Exception as exc:
-            if is_oom(exc):
-                cause = "oom"
-            elif isinstance(exc, Diverged):
-                cause = "diverged"
-            else:
-                raise
-            # fastai prefixes a callback's error with "Exception occured in ...:\n\t"; the
-            # last line is the original message.
-            detail = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else ""
-            detail = detail or type(exc).__name__
-            del exc  # the traceback pins the failed attempt's tensors
-            free_memory()
-            if bs // 2 < minimum:
-                record.effective = 0
-                raise BatchSizeExhausted(
-                    f"{cause} at batch {bs} ({detail}); halving would go below "
-                    f"batch_size.min={minimum}",
-                    record,
-                ) from None
-            halving = Halving(bs, bs // 2, cause, detail)
-            record.halvings.append(halving)
-            if on_halve is not None:
-                on_halve(halving)
-            bs //= 2
-            continue
-        record.effective = bs
-        return result, record
+        before = allocated()
+        outcome = _attempt(run, bs, record)
+        if not isinstance(outcome, _Failure):
+            return outcome
+        free_memory()  # here, not in the except block: the failed attempt is unreachable now
+        left = max(allocated() - before, 0)
+        if left:
+            log.warning("the failed attempt at batch %d still holds %d bytes on CUDA", bs, left)
+        if bs // 2 < minimum:
+            record.fitted = False
+            raise BatchSizeExhausted(
+                f"{outcome.cause} at batch {bs} ({outcome.detail}); halving would go below "
+                f"batch_size.min={minimum}"
+            )
+        halving = Halving(bs, bs // 2, outcome.cause, outcome.detail, left)
+        record.halvings.append(halving)
+        if on_halve is not None:
+            on_halve(halving)
+        bs //= 2
 
 
 # ---------------------------------------------------------------- callbacks on the learner
@@ -157,9 +184,11 @@ class DivergenceGuard(Callback):
 
 
 class InjectOOM(Callback):
-    """Fault injection: a real `torch.OutOfMemoryError` at (epoch, step) above a batch size,
-    so the fallback is exercised on machines without a GPU. With epoch or step None the
-    step is drawn at random for every run (fault-matrix tests: OOM at random steps)."""
+    """Fault injection: a real `torch.OutOfMemoryError` raised inside the model's forward
+    pass (half-way through the network, activations alive, autocast open) at (epoch, step)
+    above a batch size, so the fallback is exercised on machines without a GPU as a real
+    OOM would hit it. With epoch or step None the step is drawn at random for every run
+    (fault-matrix tests: OOM at random steps)."""
 
     order = 0
 
@@ -167,6 +196,7 @@ class InjectOOM(Callback):
         self.above = above  # images: batches larger than this "do not fit"
         self.epoch = epoch  # 1-based epoch of the failure (None: random)
         self.at_step = step  # 1-based step within that epoch (None: random)
+        self.armed = False
 
     def before_fit(self) -> None:
         self.when = (self.epoch, self.at_step)
@@ -175,15 +205,25 @@ class InjectOOM(Callback):
             epoch = self.epoch or rng.randint(1, max(int(self.learn.n_epoch), 1))
             step = self.at_step or rng.randint(1, max(len(self.learn.dls.train), 1))
             self.when = (epoch, step)
+        blocks = list(self.learn.model.children())
+        self.hook = blocks[len(blocks) // 2].register_forward_hook(self._forward_hook)
 
     def before_batch(self) -> None:
         epoch, step = self.when
-        if (
+        self.armed = (
             self.training
             and self.learn.dls.train.bs > self.above
             and self.learn.epoch + 1 == epoch
             and self.learn.iter + 1 == step
-        ):
+        )
+
+    def after_fit(self) -> None:
+        self.hook.remove()
+
+    def _forward_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self.armed:
+            self.armed = False
+            epoch, step = self.when
             raise torch.OutOfMemoryError(
                 f"injected out of memory at epoch {epoch} step {step} "
                 f"(batch {self.learn.dls.train.bs} > {self.above})"
@@ -207,10 +247,10 @@ def guards(cfg: DictConfig) -> list[Callback]:
 
 
 def constraint(user_attrs: dict[str, Any]) -> list[float]:
-    """Optuna constraint (<= 0 feasible): how many halvings the requested batch needed."""
-    requested, effective = trial_attrs.batch_sizes(user_attrs)
-    if not requested:
+    """Optuna constraint (<= 0 feasible). Only a trial that fitted at no batch size is
+    infeasible; one that halved and then trained (and was perhaps pruned for its metric) is
+    feasible, so samplers judge it by its value, not as "does not fit"."""
+    requested, _ = trial_attrs.batch_sizes(user_attrs)
+    if user_attrs.get(trial_attrs.BATCH_FITTED, True) or not requested:
         return [0.0]
-    if not effective:  # nothing fitted at all: worse than any number of halvings that did
-        return [math.log2(requested) + 1]
-    return [math.log2(requested / effective)]
+    return [math.log2(requested) + 1]  # the larger the request, the further from fitting

@@ -30,6 +30,7 @@ from torch import nn
 
 from kmnist_sweep.config.device import pick_device, use_bf16
 from kmnist_sweep.data.contract import Dataset, Split
+from kmnist_sweep.train import memory
 from kmnist_sweep.train.model import build_model
 
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -45,8 +46,10 @@ class Autocast(Callback):
 
     def __init__(self, device_type: str) -> None:
         self.device_type = device_type
+        self.ctx: torch.autocast | None = None
 
     def before_batch(self) -> None:
+        self.close()
         self.ctx = torch.autocast(self.device_type, dtype=torch.bfloat16)
         self.ctx.__enter__()
 
@@ -54,10 +57,24 @@ class Autocast(Callback):
         self.learn.pred = self.learn.pred.float()  # the loss and metrics in fp32
 
     def after_loss(self) -> None:
-        self.ctx.__exit__(None, None, None)
+        self.close()
 
     def after_cancel_batch(self) -> None:
-        self.ctx.__exit__(None, None, None)
+        self.close()
+
+    def close(self) -> None:
+        """Leave the autocast region. fastai calls no event when an error (an OOM in the
+        forward pass) leaves the batch, so `train` calls this on its way out too: a region
+        left open would run the halved retry, fp32 or not, under autocast."""
+        if self.ctx is not None:
+            ctx, self.ctx = self.ctx, None
+            ctx.__exit__(None, None, None)
+
+
+def close_autocast(learn: Learner) -> None:
+    for cb in learn.cbs:
+        if isinstance(cb, Autocast):
+            cb.close()
 
 
 def use_channels_last(setting: Any, device: torch.device) -> bool:
@@ -242,6 +259,17 @@ class EpochReport(Callback):
         self.hook = hook
         self.epoch_offset = epoch_offset
         self.echo = echo  # one line per epoch where fastai's bars would garble a log file
+        self.train_seconds = 0.0  # seconds in training phases only (no validation)
+        self.train_images = 0  # images trained on
+
+    def before_train(self) -> None:
+        self.started = time.perf_counter()
+
+    def after_train(self) -> None:
+        if self.learn.dls.device.type == "cuda":
+            torch.cuda.synchronize()  # the clock stops when the GPU is done, not the Python
+        self.train_seconds += time.perf_counter() - self.started
+        self.train_images += int(self.learn.dls.train.n)
 
     def after_epoch(self) -> None:
         rec = self.learn.recorder
@@ -290,13 +318,18 @@ def build_learner(
         opt_func=_opt_func(tcfg, device),
         metrics=metrics,
         wd=float(tcfg.weight_decay),
-        moms=(0.95, 0.85, 0.95)
-        if tcfg.optimizer == "sgd"
-        else (float(tcfg.momentum), 0.85, float(tcfg.momentum)),
+        moms=one_cycle_moms(float(tcfg.momentum)),
     )
     if use_bf16(str(tcfg.precision), device):
         learn.add_cb(Autocast(device.type))
     return learn
+
+
+def one_cycle_moms(momentum: float) -> tuple[float, float, float]:
+    """One-cycle's momentum schedule (start, middle, end): trainer.momentum at both ends and
+    at most 0.85 at peak LR. fastai schedules it into AdamW's beta1 and SGD's momentum
+    alike, so it is the one place trainer.momentum takes effect for either."""
+    return (momentum, min(momentum, 0.85), momentum)
 
 
 def _opt_func(tcfg: DictConfig, device: torch.device) -> Callable[..., OptimWrapper]:
@@ -305,7 +338,12 @@ def _opt_func(tcfg: DictConfig, device: torch.device) -> Callable[..., OptimWrap
     fused = device.type == "cuda"
     if tcfg.optimizer == "adamw":
         return partial(OptimWrapper, opt=partial(torch.optim.AdamW, fused=fused))
-    return partial(OptimWrapper, opt=partial(torch.optim.SGD, momentum=0.9, nesterov=True))
+    # Nesterov needs a non-zero momentum; the schedule above sets its value each step.
+    nesterov = float(tcfg.momentum) > 0
+    momentum = float(tcfg.momentum)
+    return partial(
+        OptimWrapper, opt=partial(torch.optim.SGD, momentum=momentum, nesterov=nesterov)
+    )
 
 
 @dataclass
@@ -314,7 +352,20 @@ class TrainResult:
     valid: dict[str, float] = field(default_factory=dict)  # final validation metrics
     test: dict[str, float] = field(default_factory=dict)  # empty unless asked for
     seconds: float = 0.0  # wall time of fit + evaluation
+    train_seconds: float = 0.0  # seconds spent in training phases (no validation)
+    train_images: int = 0  # images trained on, all epochs
+    peak_memory: int = 0  # bytes: CUDA max_memory_allocated, or peak RSS on a CPU
     learner: Learner | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        """Training throughput, validation excluded."""
+        return self.train_images / self.train_seconds if self.train_seconds else 0.0
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        epochs = len(self.history)
+        return self.train_seconds / epochs if epochs else 0.0
 
 
 def evaluate(learn: Learner, ds_idx: int, prefix: str) -> dict[str, float]:
@@ -347,8 +398,11 @@ def train(
 
     bars = not quiet and sys.stderr.isatty()
     start = time.perf_counter()
+    memory.reset_peak(learn.dls.device)
     if epochs > 0:
+        report = EpochReport(record, echo=not bars and not quiet)
         with contextlib.ExitStack() as stack:
+            stack.callback(close_autocast, learn)  # also when an error leaves the batch
             if not bars:
                 stack.enter_context(learn.no_bar())
                 stack.enter_context(learn.no_logging())
@@ -356,8 +410,9 @@ def train(
                 epochs,
                 lr_max=float(cfg.trainer.lr),
                 pct_start=float(cfg.trainer.pct_start),
-                cbs=[EpochReport(record, echo=not bars and not quiet), *(cbs or [])],
+                cbs=[report, *(cbs or [])],
             )
+        result.train_seconds, result.train_images = report.train_seconds, report.train_images
         last = result.history[-1]
         result.valid = {k: v for k, v in last.items() if k.startswith("val/")}
     else:
@@ -365,4 +420,5 @@ def train(
     if test:
         result.test = evaluate(learn, 2, "test")
     result.seconds = time.perf_counter() - start
+    result.peak_memory = memory.peak_bytes(learn.dls.device)
     return result

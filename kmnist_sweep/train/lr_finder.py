@@ -18,14 +18,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import matplotlib
 import optuna
-from fastai.learner import Learner
+from fastai.learner import AvgSmoothLoss, Learner
 from omegaconf import DictConfig
 
 from kmnist_sweep import trial_attrs
 from kmnist_sweep.data.contract import Dataset
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.train import engine
+
+matplotlib.use("Agg")  # files only: never open a window
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +144,9 @@ def curve_key(cfg: DictConfig, batch_size: int) -> str:
 
 def range_test(learn: Learner, fcfg: DictConfig) -> tuple[list[float], list[float]]:
     """Run fastai's range test on `learn`; its weights are restored afterwards."""
+    saved_smoother = learn.recorder.smooth_loss
+    # The Recorder's loss smoothing is the curve's: lr_finder.beta sets it for the test.
+    learn.recorder.smooth_loss = AvgSmoothLoss(beta=float(fcfg.beta))
     with tempfile.TemporaryDirectory() as tmp:
         saved_path = learn.path
         learn.path = Path(tmp)  # fastai saves the weights here to restore them afterwards
@@ -154,6 +161,8 @@ def range_test(learn: Learner, fcfg: DictConfig) -> tuple[list[float], list[floa
                 )
         finally:
             learn.path = saved_path
+            learn.recorder.smooth_loss = saved_smoother
+            engine.close_autocast(learn)
     return [float(v) for v in learn.recorder.lrs], [float(v) for v in learn.recorder.losses]
 
 
@@ -178,22 +187,35 @@ def save_csv(curve: Curve, path: Path) -> Path:
 
 
 def plot_curve(curve: Curve, path: Path, chosen: str | None = None) -> Path:
-    """Smoothed loss against LR (log axis) with every suggestion marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Smoothed loss against LR (log axis): the curve's minimum, and each suggestion (the
+    `minimum` rule's is a tenth of the minimum's LR, a separate point) on the curve."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     lrs, losses = finite_prefix(curve.lrs, curve.losses)
     ax.plot(lrs, losses, color="0.2")
+    low_lrs, low_losses = trim(curve.lrs, curve.losses)
+    if low_losses:
+        best = min(range(len(low_losses)), key=low_losses.__getitem__)
+        ax.plot(
+            low_lrs[best],
+            low_losses[best],
+            "v",
+            color="tab:blue",
+            label=f"smoothed minimum: {low_lrs[best]:.2e}",
+        )
     for (name, lr), colour in zip(
         curve.suggestions.items(), ("tab:red", "tab:green"), strict=False
     ):
         idx = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i]) - math.log(lr)))
         style = "o" if name == chosen else "x"
-        ax.plot(lr, losses[idx], style, color=colour, label=f"{name}: {lr:.2e}")
+        label = "minimum / 10" if name == "minimum" else name
+        ax.plot(
+            lr,
+            losses[idx],
+            style,
+            color=colour,
+            label=f"{label}: {lr:.2e}" + (" (used)" if name == chosen else ""),
+        )
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("smoothed training loss")
@@ -250,10 +272,15 @@ def seeded_lr(
 
 
 def prepare(
-    study: optuna.Study, cfg: DictConfig, seeded: Sequence[str], dataset: Callable[[], Dataset]
+    study: optuna.Study,
+    cfg: DictConfig,
+    seeded: Sequence[str],
+    dataset: Callable[[], Dataset],
+    searched: Sequence[str] = (),
 ) -> None:
-    """Before any worker starts: run the range test once and queue a first trial that uses
-    the finder's LR itself (factor 1), so the search starts from the suggestion."""
+    """Before any worker starts: run the range test once and, for the `searched` factors,
+    queue a first trial that uses the finder's LR itself (factor 1), so the search starts
+    from the suggestion."""
     if not seeded:
         return
     if cfg.lr_finder.scale != "rerun":
@@ -264,5 +291,5 @@ def prepare(
             f"curve in {Path(str(cfg.study.output_dir)) / 'lr_finder'}",
             flush=True,
         )
-    if not study.get_trials(deepcopy=False):
-        study.enqueue_trial({f"{name}.factor": 1.0 for name in seeded})
+    if searched and not study.get_trials(deepcopy=False):
+        study.enqueue_trial({f"{name}.factor": 1.0 for name in searched})
