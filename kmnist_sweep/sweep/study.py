@@ -176,7 +176,8 @@ def create_or_load_study(
     )
     if study_id is None:
         study.set_user_attr(trial_attrs.STUDY_METRIC, metric)
-        study.set_metric_names([metric])  # optuna-dashboard shows val/acc, not "Objective 0"
+        with quiet_optuna_warnings():  # "experimental" since Optuna 3.2
+            study.set_metric_names([metric])  # optuna-dashboard shows val/acc, not "Objective 0"
     if search_space is not None and trial_attrs.STUDY_SEARCH_SPACE not in study.user_attrs:
         study.set_user_attr(trial_attrs.STUDY_SEARCH_SPACE, search_space)
     return study
