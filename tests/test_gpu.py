@@ -26,6 +26,7 @@ from fastai.callback.core import Callback
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
+from kmnist_sweep.config import device as device_rules
 from kmnist_sweep.config.device import use_bf16
 from kmnist_sweep.config.search_space import apply_params
 from kmnist_sweep.data.datasets import load_dataset
@@ -96,6 +97,35 @@ def test_bf16_only_where_the_gpu_has_it_in_hardware(monkeypatch: pytest.MonkeyPa
     # Ampere and later.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert use_bf16("auto", cuda) is True and use_bf16("fp32", cuda) is False
+
+
+def test_an_error_inside_a_bf16_step_leaves_autocast_off(
+    compose_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA out-of-memory inside the forward skips the step's after_loss, where Autocast
+    leaves its context: it must not stay on for the halved retry and the rest of the process
+    (nor keep its cache of the failed model's bf16 weights). CPU autocast shows it too."""
+    monkeypatch.setattr(device_rules, "cpu_has_bf16", lambda: True)  # emulated: slow, works
+    cfg = compose_cfg(
+        "data=synthetic",
+        "data.n_train=256",
+        "trainer.epochs=1",
+        "trainer.device=cpu",
+        "trainer.precision=bf16",
+    )
+    data = load_dataset(cfg.data)
+    learn = engine.build_learner(cfg, data, batch_size=64)
+
+    def no_room(module: torch.nn.Module, args: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+    learn.model.layer2.register_forward_pre_hook(no_room)  # mid-forward, under autocast
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            engine.train(cfg, data, learn=learn, quiet=True)
+        assert not torch.is_autocast_enabled("cpu")
+    finally:
+        torch.set_autocast_enabled("cpu", False)  # for the next tests, should this one fail
 
 
 # --------------------------------------------------------------------------- on a GPU
@@ -219,9 +249,9 @@ def test_real_cuda_oom_halves_the_batch_and_frees_the_failed_attempt(
     cfg = compose_cfg(
         "data=synthetic",
         "data.n_train=9000",
-        "model.stem=small",  # keeps 28x28 through layer1: ~4-6 MB of activations per image
+        "model.stem=small",  # keeps 28x28 through layer1: ~2-3 MB of bf16 activations/image
         "trainer.device=cuda",
-        "trainer.precision=fp32",
+        "trainer.precision=auto",  # bf16 from Ampere on: autocast must not outlive an OOM
         "trainer.epochs=1",
         "trainer.eval_batch_size=256",
         "tracking=disabled",
@@ -248,7 +278,7 @@ def test_real_cuda_oom_halves_the_batch_and_frees_the_failed_attempt(
     monkeypatch.setattr(engine, "build_learner", counted_build)
     guards = batch_size.guards
     monkeypatch.setattr(batch_size, "guards", lambda c: [*guards(c), MemoryAtFit(at_fit)])
-    # 2 GiB over what is held now: a few hundred images fit, 4096 (~20 GB) do not.
+    # 2 GiB over what is held now: a few hundred images fit, 4096 (~10 GB) do not.
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 2 * GIB) / total)
     try:

@@ -45,6 +45,7 @@ class Autocast(Callback):
 
     def __init__(self, device_type: str) -> None:
         self.device_type = device_type
+        self.ctx: torch.autocast | None = None
 
     def before_batch(self) -> None:
         self.ctx = torch.autocast(self.device_type, dtype=torch.bfloat16)
@@ -54,10 +55,30 @@ class Autocast(Callback):
         self.learn.pred = self.learn.pred.float()  # the loss and metrics in fp32
 
     def after_loss(self) -> None:
-        self.ctx.__exit__(None, None, None)
+        self.close()
 
     def after_cancel_batch(self) -> None:
-        self.ctx.__exit__(None, None, None)
+        self.close()
+
+    def close(self) -> None:
+        """Leave the context if a step entered it and did not reach after_loss."""
+        if self.ctx is not None:
+            ctx, self.ctx = self.ctx, None
+            ctx.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def autocast_closed(learn: Learner) -> Iterator[None]:
+    """Around a fit: however it ends, no autocast context stays entered. A step that raises
+    inside the forward (a CUDA out-of-memory) never reaches after_loss; left entered, autocast
+    would stay on for the rest of the process (the halved retry, later fp32 runs) and keep
+    its cache of the failed model's bf16 weights alive."""
+    try:
+        yield
+    finally:
+        for cb in learn.cbs:
+            if isinstance(cb, Autocast):
+                cb.close()
 
 
 def use_channels_last(setting: Any, device: torch.device) -> bool:
@@ -349,6 +370,7 @@ def train(
     start = time.perf_counter()
     if epochs > 0:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(autocast_closed(learn))
             if not bars:
                 stack.enter_context(learn.no_bar())
                 stack.enter_context(learn.no_logging())

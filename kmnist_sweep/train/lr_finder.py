@@ -144,7 +144,7 @@ def range_test(learn: Learner, fcfg: DictConfig) -> tuple[list[float], list[floa
         saved_path = learn.path
         learn.path = Path(tmp)  # fastai saves the weights here to restore them afterwards
         try:
-            with learn.no_bar(), learn.no_logging():
+            with learn.no_bar(), learn.no_logging(), engine.autocast_closed(learn):
                 learn.lr_find(
                     start_lr=float(fcfg.start_lr),
                     end_lr=float(fcfg.end_lr),
