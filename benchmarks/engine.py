@@ -5,8 +5,8 @@
 2. The seed article's recipe (fastai DataBlock pipeline, vision_learner(resnet34), bs 128,
    lr_find minimum/10, 10 epochs one-cycle) vs the tool's default recipe on kmnist_sample:
    wall time to reach the seed's final held-out accuracy, and both final accuracies.
-3. On CUDA only: images/s for resnet18/34/50 at batch 128/512/2048, and epoch time on a
-   60k-image synthetic set, with and without bf16 and channels_last.
+3. CUDA: benchmarks/gpu.py (throughput grid, 60k-image epoch, engine vs bare loop, packed
+   trials, torch.compile); `bash benchmarks/gpu_check.sh` runs it with the gpu tests.
 Prints markdown tables; paste them into docs/benchmarks.md with the machine.
 """
 
@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import gpu
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
@@ -192,34 +193,11 @@ def part2(epochs: int, overrides: list[str], seed_result: list[float] | None = N
     print("tool:", [(round(t, 1), round(a, 4)) for t, a in tool_curve])
 
 
-# ------------------------------------------------------------------ part 3: CUDA sweep
+# ------------------------------------------------------------------ part 3: CUDA
 
 
 def part3() -> None:
-    if not torch.cuda.is_available():
-        print("\n### 3. CUDA throughput: skipped (no CUDA device)")
-        return
-    print("\n### 3. CUDA throughput (60k synthetic 28x28 images, imagenet stem)\n")
-    print("| model | batch | bf16 | channels_last | images/s | epoch s |")
-    print("|---|---|---|---|---|---|")
-    for arch in ("resnet18", "resnet34", "resnet50"):
-        for bs in (128, 512, 2048):
-            for bf16, cl in ((False, False), (True, False), (True, True)):
-                cfg = compose_cfg(
-                    "data=synthetic",
-                    "data.n_train=60000",
-                    "data.n_test=256",
-                    f"model.arch={arch}",
-                    f"trainer.batch_size={bs}",
-                    f"trainer.precision={'bf16' if bf16 else 'fp32'}",
-                    f"trainer.channels_last={cl}",
-                )
-                data = load_dataset(cfg.data)
-                learn = engine.build_learner(cfg, data)
-                tool_epoch(learn, 1e-3)  # warm-up
-                secs = tool_epoch(learn, 1e-3)
-                n = data.train.labels.numel()
-                print(f"| {arch} | {bs} | {bf16} | {cl} | {n / secs:.0f} | {secs:.2f} |")
+    gpu.main([])  # its own sizes and time budget; --tiny etc. through benchmarks/gpu.py
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -24,3 +25,14 @@ def compose_cfg() -> Callable[..., DictConfig]:
             return compose(config_name="config", overrides=list(overrides))
 
     return _compose
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need CUDA: skipped where there is none (CI, the CPU machines);
+    `bash benchmarks/gpu_check.sh` runs them on a GPU and refuses to run without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: no CUDA device visible")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

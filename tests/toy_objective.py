@@ -10,6 +10,8 @@ section in the config tunes it (all optional):
       interrupt_trial: null  # trial number that raises KeyboardInterrupt (a Ctrl-C)
       start_together: 0      # trials 0..N-1 wait (<= 60 s) until N trials run: N workers got one
       raise_trials: []       # trial numbers that raise RuntimeError at epoch 1 ("all": every one)
+      record_device: false   # set user attrs `device` (trainer.device as the worker got it)
+                             # and `cuda_visible_devices` (its CUDA_VISIBLE_DEVICES)
 """
 
 from __future__ import annotations
@@ -82,12 +84,16 @@ def make_toy_objective(cfg: DictConfig) -> Callable[[optuna.Trial], float]:
     interrupt_trial = toy.get("interrupt_trial")
     together = int(toy.get("start_together", 0))
     raise_trials = toy.get("raise_trials") or []
+    record_device = bool(toy.get("record_device", False))
     metric = str(cfg.study.metric)
 
     def objective(trial: optuna.Trial) -> float:
         values, positions = suggest(trial, params, float(cfg.trainer.lr))
         apply_params(cfg, values)  # as the real objective does; raises on a bad key
         trial.set_user_attr("overrides", to_overrides(values))
+        if record_device:
+            trial.set_user_attr("device", str(cfg.trainer.device))
+            trial.set_user_attr("cuda_visible_devices", os.environ.get("CUDA_VISIBLE_DEVICES"))
         # Best near 30% of every range; the score rises with epochs like a training curve.
         quality = math.exp(-8.0 * sum((u - 0.3) ** 2 for u in positions) / max(len(positions), 1))
         score = 0.0

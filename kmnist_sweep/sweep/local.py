@@ -91,7 +91,7 @@ def run_workers(
                 )
             procs.append(proc)
             assert proc.stdin is not None
-            proc.stdin.write(json.dumps(dict(payload, index=index)).encode())
+            proc.stdin.write(json.dumps(worker_payload(payload, index, device)).encode())
             proc.stdin.close()
         while any(p.poll() is None for p in procs):
             progress.refresh()
@@ -101,6 +101,21 @@ def run_workers(
         _stop_workers(procs, forward=signum_of(exc) == signal.SIGTERM)
         raise
     return [cast(int, p.returncode) for p in procs]
+
+
+def worker_payload(payload: dict[str, Any], index: int, device: str | None) -> dict[str, Any]:
+    """What worker `index` reads on stdin: the sweep's payload, its index, and its config.
+
+    A worker pinned by CUDA_VISIBLE_DEVICES sees its one GPU as cuda:0, whatever the GPU's
+    number here: `trainer.device=cuda:N` (N counted among this process's GPUs) would ask it for
+    a GPU it cannot see, so it is told `cuda` instead. Unpinned workers keep the config as is.
+    """
+    own = dict(payload, index=index)
+    cfg = payload["cfg"]
+    trainer = cfg.get("trainer") or {}
+    if device is not None and str(trainer.get("device", "auto")).startswith("cuda:"):
+        own["cfg"] = {**cfg, "trainer": {**trainer, "device": "cuda"}}
+    return own
 
 
 def _stop_workers(procs: list[subprocess.Popen[bytes]], forward: bool = False) -> None:
