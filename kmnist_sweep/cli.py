@@ -55,10 +55,23 @@ def train_once(cfg: DictConfig) -> float:
 def sweep(cfg: DictConfig) -> float | None:
     """Run the sweep `+sweep=NAME` composed; print its summary line."""
     summary = run_sweep(cfg)
+    if len(summary.metrics) > 1:
+        # Several objectives have no best trial: the front's trials, each with its values.
+        shown = ", ".join(
+            f"#{number} ({', '.join(_rounded(v) for v in values)})"
+            for number, values in summary.front
+        )
+        best = (
+            f"Pareto front of {len(summary.front)} trial(s) over "
+            f"({', '.join(summary.metrics)}){': ' + shown if shown else ''}"
+        )
+    else:
+        best = (
+            f"best {cfg.study.metric} {_rounded(summary.best_value)} (trial {summary.best_trial})"
+        )
     print(
         f"study {summary.study_name}: {summary.complete} complete, {summary.pruned} pruned, "
-        f"{summary.failed} failed of {summary.n_trials}; best {cfg.study.metric} "
-        f"{_rounded(summary.best_value)} (trial {summary.best_trial}); "
+        f"{summary.failed} failed of {summary.n_trials}; {best}; "
         f"see {summary.output_dir}/best.yaml and {summary.output_dir}/report/report.html",
         flush=True,
     )

@@ -35,13 +35,19 @@ LR_SOURCE = "lr/source"  # where that LR came from, one line
 LR_VALUE = "lr/value"  # the peak LR the trial trained at, per step
 VALID = "val"  # final validation metrics {"val/acc": ..., "val/loss": ...}
 SECONDS = "seconds"  # wall time of the training run that counted, seconds
+TRAIN_SECONDS = "speed/train_s"  # seconds in training phases of that run (validation excluded)
 IMAGES_PER_S = "speed/images_per_s"  # training images per second (validation excluded)
 SECONDS_PER_EPOCH = "speed/s_per_epoch"  # seconds per training epoch (validation excluded)
 PEAK_MEMORY_MB = "memory/peak_mb"  # MiB: CUDA max_memory_allocated, or peak RSS on a CPU
 
+# What a trial cost: a multi-objective study may optimise these beside a validation metric
+# (study.metrics); the objective returns the attribute's value.
+COSTS = (TRAIN_SECONDS, IMAGES_PER_S, SECONDS_PER_EPOCH, PEAK_MEMORY_MB)
+
 # ---------------------------------------------------------------- study attributes
 
-STUDY_METRIC = "metric"  # the metric key the study optimises, e.g. val/acc
+STUDY_METRIC = "metric"  # the metric key the study optimises, e.g. val/acc; a list of them
+# for a multi-objective study, in the order of its values (also its Optuna metric names)
 STUDY_SEARCH_SPACE = "search_space"  # the resolved search space the study was created with
 LR_CURVE_PREFIX = "lr_finder:"  # + curve key: a cached LR range test (JSON)
 

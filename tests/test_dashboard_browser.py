@@ -1,4 +1,6 @@
-"""optuna-dashboard, as the README tells users to run it, rendered by a real headless Chromium.
+"""optuna-dashboard, as the README tells users to run it, rendered by a real headless Chromium:
+on a study made by hand in every trial state, and on one the runner wrote (a multi-objective
+`+sweep=full` through the command line), whose metric names the dashboard must show.
 
 Needs Debian's chromium and chromium-driver (`.ci/browser-deps` installs them). Without them
 the test skips, except in CI (env CI set), where it fails so that CI proves the dashboard.
@@ -14,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +26,13 @@ import pytest
 from optuna.trial import TrialState
 
 import kmnist_sweep  # noqa: F401  (torchvision compat first)
+from tests.test_multi_objective import SMALL_FULL, TWO, cli
 
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "test-artifacts" / "dashboard.png"
+SCREENSHOT_RUNNER = REPO / "test-artifacts" / "dashboard-multi-objective.png"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 STUDY = "dashboard-smoke-kmnist"
@@ -109,17 +114,41 @@ class Dashboard:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture
-def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
-    """optuna-dashboard starting on a fresh SQLite study; not waited for, so that Chromium
-    starts meanwhile (each takes seconds on a small CI machine)."""
+def require_browser() -> str:
+    """The optuna-dashboard command, once Chromium and its driver are known to be there."""
     require(CHROMIUM.is_file(), str(CHROMIUM))
     require(CHROMEDRIVER.is_file(), str(CHROMEDRIVER))
     command = dashboard_command()
     require(command is not None, "optuna-dashboard")
     assert command is not None
+    return command
+
+
+@pytest.fixture
+def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
+    """optuna-dashboard starting on a fresh SQLite study; not waited for, so that Chromium
+    starts meanwhile (each takes seconds on a small CI machine)."""
+    command = require_browser()
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    study_id = make_study(storage)
+    with serve(command, storage, make_study(storage), tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def runner_dashboard(tmp_path: Path) -> Iterator[Dashboard]:
+    """optuna-dashboard on the storage of a real two-objective sweep the runner wrote."""
+    command = require_browser()
+    done = cli(*SMALL_FULL, *TWO, "study.pruner.type=none", "study.n_trials=2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    storage = f"sqlite:///{tmp_path / 'storage' / 'full-synthetic.db'}"
+    study_id = optuna.storages.RDBStorage(storage).get_study_id_from_name("full-synthetic")
+    with serve(command, storage, study_id, tmp_path) as server:
+        yield server
+
+
+@contextmanager
+def serve(command: str, storage: str, study_id: int, tmp_path: Path) -> Iterator[Dashboard]:
+    """optuna-dashboard on `storage` as the README runs it, stopped afterwards."""
     port = free_port()
     log_path = tmp_path / "dashboard.log"
     with log_path.open("wb") as log:
@@ -157,28 +186,49 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         driver.quit()
 
 
-def test_dashboard_renders_the_study_in_chromium(dashboard: Dashboard, browser: Any) -> None:
-    from selenium.common.exceptions import TimeoutException
+def body(browser: Any) -> str:
     from selenium.webdriver.common.by import By
+
+    return str(browser.find_element(By.TAG_NAME, "body").text)
+
+
+def wait_for(browser: Any, *texts: str) -> None:
+    """Until the rendered page (not the HTML source: it is a React app) shows `texts`."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    def body() -> str:
-        return str(browser.find_element(By.TAG_NAME, "body").text)
+    try:
+        WebDriverWait(browser, TIMEOUT_S).until(lambda _: all(t in body(browser) for t in texts))
+    except TimeoutException:
+        pytest.fail(f"{browser.current_url} never showed {texts}; it shows: {body(browser)!r}")
 
-    def wait_for(*texts: str) -> None:
-        """Until the rendered page (not the HTML source: it is a React app) shows `texts`."""
-        try:
-            WebDriverWait(browser, TIMEOUT_S).until(lambda _: all(t in body() for t in texts))
-        except TimeoutException:
-            pytest.fail(f"{browser.current_url} never showed {texts}; it shows: {body()!r}")
 
+def test_dashboard_renders_the_study_in_chromium(dashboard: Dashboard, browser: Any) -> None:
     dashboard.wait_until_up()
     # The study list (what `optuna-dashboard URL` opens on) names the study ...
     browser.get(f"{dashboard.url}/dashboard")
-    wait_for(STUDY)
+    wait_for(browser, STUDY)
     # ... and its trial list counts every trial, whatever its state.
     browser.get(f"{dashboard.url}/dashboard/studies/{dashboard.study_id}/trials")
-    wait_for(STUDY, "5 Trials", "Complete", "Pruned", "Fail")
+    wait_for(browser, STUDY, "5 Trials", "Complete", "Pruned", "Fail")
     SCREENSHOT.parent.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 0
+
+
+def test_dashboard_names_the_metrics_of_a_study_the_runner_wrote(
+    runner_dashboard: Dashboard, browser: Any
+) -> None:
+    runner_dashboard.wait_until_up()
+    browser.get(f"{runner_dashboard.url}/dashboard")
+    wait_for(browser, "full-synthetic")
+    # The study page opens on the Pareto front, its axes named by the runner's metric names
+    # (study.set_metric_names), not "Objective 0" and "Objective 1".
+    browser.get(f"{runner_dashboard.url}/dashboard/studies/{runner_dashboard.study_id}")
+    wait_for(browser, "full-synthetic", "Pareto Front", "val/acc", "speed/train_s")
+    assert "Objective 0" not in body(browser)
+    browser.get(f"{runner_dashboard.url}/dashboard/studies/{runner_dashboard.study_id}/trials")
+    wait_for(browser, "2 Trials", "Complete", "speed/train_s")
+    SCREENSHOT_RUNNER.parent.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(SCREENSHOT_RUNNER))
+    assert SCREENSHOT_RUNNER.stat().st_size > 0

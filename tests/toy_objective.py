@@ -12,6 +12,10 @@ section in the config tunes it (all optional):
       raise_trials: []       # trial numbers that raise RuntimeError at epoch 1 ("all": every one)
       record_device: false   # set user attrs `device` (trainer.device as the worker got it)
                              # and `cuda_visible_devices` (its CUDA_VISIBLE_DEVICES)
+
+With study.metrics set (a multi-objective study) it reports nothing per epoch, as the real
+objective, and returns the score for each val/ metric and a cost (larger for later positions
+in the ranges, so it trades off against the score) for any other.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def wait_until_running(study: optuna.Study, count: int, timeout: float = 60.0) -
         time.sleep(0.05)
 
 
-def make_toy_objective(cfg: DictConfig) -> Callable[[optuna.Trial], float]:
+def make_toy_objective(cfg: DictConfig) -> Callable[[optuna.Trial], float | tuple[float, ...]]:
     params = parse_space(cfg.search_space, cfg)
     toy = cfg.get("toy") or {}
     epochs = int(toy.get("epochs", 4))
@@ -86,8 +90,9 @@ def make_toy_objective(cfg: DictConfig) -> Callable[[optuna.Trial], float]:
     raise_trials = toy.get("raise_trials") or []
     record_device = bool(toy.get("record_device", False))
     metric = str(cfg.study.metric)
+    metrics = list(cfg.study.get("metrics") or [])
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
         values, positions = suggest(trial, params, float(cfg.trainer.lr))
         apply_params(cfg, values)  # as the real objective does; raises on a bad key
         trial.set_user_attr("overrides", to_overrides(values))
@@ -102,16 +107,20 @@ def make_toy_objective(cfg: DictConfig) -> Callable[[optuna.Trial], float]:
         for epoch in range(1, epochs + 1):
             time.sleep(sleep)
             score = 0.1 + 0.85 * quality * (1.0 - math.exp(-epoch / 2.0))
-            trial.report(score, step=epoch)
+            if not metrics:  # Optuna cannot report or prune a trial of several values
+                trial.report(score, step=epoch)
             if trial.number == kill_trial:
                 os.kill(os.getpid(), signal.SIGKILL)
             if trial.number == interrupt_trial:
                 raise KeyboardInterrupt
             if raise_trials == "all" or trial.number in raise_trials:
                 raise RuntimeError(f"toy failure in trial {trial.number}")
-            if trial.should_prune():
+            if not metrics and trial.should_prune():
                 raise optuna.TrialPruned(f"{metric}={score:.4f} at epoch {epoch}")
         trial.set_user_attr("val", {metric: score})
+        if metrics:
+            cost = round(epochs * (1.0 + sum(positions)), 4)
+            return tuple(score if m.startswith("val/") else cost for m in metrics)
         return score
 
     return objective

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kmnist_sweep import trial_attrs
 from kmnist_sweep.config.device import pick_device, use_bf16
 from kmnist_sweep.config.schema import SCHEMA, SECTIONS, Key
 from kmnist_sweep.config.search_space import Param, parse_space, pow2_exponents
@@ -39,6 +40,7 @@ def check_config(cfg: DictConfig) -> list[Param]:
             rule.check(key, value)
     check_batch_sizes(cfg, searched.get("trainer.batch_size"))
     check_pruner(cfg.study.pruner)
+    check_objectives(cfg)
     check_data(cfg.data)
     check_lr_finder(cfg.lr_finder)
     check_machine(cfg)
@@ -102,6 +104,72 @@ def check_pruner(pruner_cfg: DictConfig) -> None:
         raise ConfigError(
             f"study.pruner.max_resource={max_resource} (epochs) is below "
             f"min_resource={min_resource}"
+        )
+
+
+def objectives(study_cfg: DictConfig) -> list[tuple[str, str]]:
+    """(metric, direction) of each objective, in the order of the trial's values:
+    study.metrics and study.directions when set, else [(study.metric, study.direction)]."""
+    metrics, directions = study_cfg.get("metrics"), study_cfg.get("directions")
+    if metrics is None or directions is None:
+        return [(str(study_cfg.metric), str(study_cfg.direction))]
+    return [(str(m), str(d)) for m, d in zip(metrics, directions, strict=True)]
+
+
+def objective_metrics(data_metric: str) -> list[str]:
+    """The keys a study may optimise: the validation metrics the engine measures for the
+    data (val/bacc only where data.metric=bacc), and what a trial cost (trial_attrs.COSTS)."""
+    valid = ["val/acc", "val/loss"] + (["val/bacc"] if data_metric == "bacc" else [])
+    return valid + list(trial_attrs.COSTS)
+
+
+def check_objectives(cfg: DictConfig) -> None:
+    """study.directions and study.metrics: both null, or one direction per known metric.
+
+    A study of several objectives cannot be pruned (Optuna's trial.report and should_prune
+    raise for it) nor sampled by CMA-ES; both are refused here rather than in trial 0."""
+    study_cfg = cfg.study
+    directions, metrics = study_cfg.get("directions"), study_cfg.get("metrics")
+    if directions is None and metrics is None:
+        return
+    if directions is None or metrics is None:
+        given, missing = (
+            ("metrics", "directions") if directions is None else ("directions", "metrics")
+        )
+        raise ConfigError(
+            f"study.{given} is set but study.{missing} is null: a multi-objective study "
+            "needs both, one entry per objective"
+        )
+    if len(directions) != len(metrics):
+        raise ConfigError(
+            f"study.directions has {len(directions)} entries and study.metrics "
+            f"{len(metrics)}: give one direction per metric"
+        )
+    n = len(directions)
+    if n < 2:
+        raise ConfigError(
+            "study.directions has 1 entry: one objective is study.direction and "
+            "study.metric (leave study.directions and study.metrics null)"
+        )
+    known = objective_metrics(str(cfg.data.metric))
+    for i, metric in enumerate(metrics):
+        if metric not in known:
+            raise ConfigError(
+                f"study.metrics[{i}]={metric!r} is not a metric the objective measures "
+                f"here: one of {', '.join(known)}"
+            )
+        if list(metrics).count(metric) > 1:
+            raise ConfigError(f"study.metrics lists {metric} twice")
+    pruner = str(study_cfg.pruner.type)
+    if pruner != "none":
+        raise ConfigError(
+            f"study.pruner.type={pruner} cannot prune a multi-objective study "
+            f"(study.directions has {n} entries): set study.pruner.type=none"
+        )
+    if str(study_cfg.sampler.type) == "cmaes":
+        raise ConfigError(
+            f"study.sampler.type=cmaes cannot sample a multi-objective study "
+            f"(study.directions has {n} entries): use tpe, gp, random or grid"
         )
 
 

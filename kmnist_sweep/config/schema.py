@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from kmnist_sweep.config.values import allowed, check_choice, check_number
 from kmnist_sweep.errors import ConfigError
@@ -112,6 +112,24 @@ def _workers(key: str, value: Any) -> Any:
     return value
 
 
+def _text_list(*choices: str) -> Callable[[str, Any], Any]:
+    """null, or a list of strings (each one of `choices` when given): one per objective."""
+
+    def check(key: str, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, list | tuple | ListConfig) or not value:
+            raise ConfigError(f"{key}={value!r} is not a list or null")
+        for i, item in enumerate(value):
+            if choices:
+                check_choice(f"{key}[{i}]", item, choices)
+            elif not isinstance(item, str):
+                raise ConfigError(f"{key}[{i}]={item!r} is not a string")
+        return list(value)
+
+    return check
+
+
 FRACTION = {"low": 0, "high": 1, "high_open": True}  # [0, 1)
 ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "small")
@@ -183,6 +201,18 @@ SCHEMA: dict[str, Key] = {
     "study.objective": _text("module:function building the objective"),
     "study.direction": _choice("direction", "maximize", "minimize"),
     "study.metric": _text("metric key, e.g. val/acc"),
+    "study.directions": Key(
+        "custom",
+        "direction per objective",
+        custom=_text_list("maximize", "minimize"),
+        accepts="null or a list of maximize | minimize",
+    ),
+    "study.metrics": Key(
+        "custom",
+        "metric key per objective, e.g. [val/acc, speed/train_s]",
+        custom=_text_list(),
+        accepts="null or a list of metric keys",
+    ),
     "study.n_trials": _int("finished trials in total", 1),
     "study.timeout": _float("seconds", 0, nullable=True),
     "study.storage": _text("storage URL"),

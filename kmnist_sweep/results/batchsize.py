@@ -45,8 +45,9 @@ class Recommendation:
     rule: str  # the rule in words, with its numbers
 
 
-def size_rows(study: optuna.Study) -> list[SizeRow]:
-    """One row per batch-size trial that ended (complete, pruned or failed), by size."""
+def size_rows(study: optuna.Study, index: int = 0) -> list[SizeRow]:
+    """One row per batch-size trial that ended (complete, pruned or failed), by size; its
+    value is the trial's `index`-th (the metric's, in a multi-objective study)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         if not t.state.is_finished():
@@ -61,7 +62,7 @@ def size_rows(study: optuna.Study) -> list[SizeRow]:
                 requested=requested,
                 effective=effective or 0,
                 fitted=bool(attrs.get(trial_attrs.BATCH_FITTED, True)),
-                value=float(t.values[0]) if complete else None,
+                value=float(t.values[index]) if complete else None,
                 images_per_s=attrs.get(trial_attrs.IMAGES_PER_S),
                 seconds_per_epoch=attrs.get(trial_attrs.SECONDS_PER_EPOCH),
                 peak_mb=attrs.get(trial_attrs.PEAK_MEMORY_MB),
@@ -147,8 +148,14 @@ def size_answer(study: optuna.Study, metric: str, n_valid: int) -> SizeAnswer | 
     searched = [p.name for p in parse_space(space) if p.searched]
     if searched != ["trainer.batch_size"]:
         return None
-    rows = size_rows(study)
-    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    # A multi-objective study (e.g. [val/acc, speed/train_s]) answers with `metric`'s values;
+    # one that does not optimise `metric` has no answer to give.
+    names = study.metric_names or []
+    if len(study.directions) > 1 and metric not in names:
+        return None
+    index = names.index(metric) if metric in names else 0
+    rows = size_rows(study, index)
+    maximize = study.directions[index] == optuna.study.StudyDirection.MAXIMIZE
     return SizeAnswer(rows, recommend(rows, n_valid, maximize), metric)
 
 

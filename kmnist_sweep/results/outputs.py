@@ -1,5 +1,6 @@
-"""sweeps/<study>/: trials.csv, best.yaml (the best trial as Hydra overrides) and the
-sweep summary, all derived from the study, so any of them can be written again.
+"""sweeps/<study>/: trials.csv, best.yaml (the best trial as Hydra overrides; for a
+multi-objective study the Pareto front's trials) and the sweep summary, all derived from
+the study, so any of them can be written again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from kmnist_sweep.config.search_space import (
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.files import write_atomic
 from kmnist_sweep.masking import mask_url
+from kmnist_sweep.results.pareto import is_multi_objective, metric_names, pareto_front
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,15 @@ class SweepSummary:
     best_trial: int | None  # trial number
     best_params: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value
     output_dir: Path = Path(".")
+    metrics: list[str] = field(default_factory=list)  # the study's metric names, in order
+    # Multi-objective: (trial number, values) of each Pareto-front trial; best_* are None.
+    front: list[tuple[int, list[float]]] = field(default_factory=list)
 
 
 def summarize(study: optuna.Study, n_trials: int, storage: str, out_dir: Path) -> SweepSummary:
     trials = study.get_trials(deepcopy=False)
     best = _best_trial(study)
+    front = pareto_front(study)
     return SweepSummary(
         study_name=study.study_name,
         storage=storage,
@@ -55,10 +61,14 @@ def summarize(study: optuna.Study, n_trials: int, storage: str, out_dir: Path) -
         best_trial=None if best is None else best.number,
         best_params={} if best is None else trial_values(best),
         output_dir=out_dir,
+        metrics=metric_names(study),
+        front=[(t.number, list(t.values)) for t in front],
     )
 
 
 def _best_trial(study: optuna.Study) -> FrozenTrial | None:
+    if is_multi_objective(study):
+        return None  # several objectives have a front, not one best trial
     try:
         return study.best_trial
     except ValueError:
@@ -133,21 +143,33 @@ def write_results(
     study: optuna.Study, cfg: DictConfig, out_dir: Path, base_overrides: list[str]
 ) -> None:
     trials = study.get_trials(deepcopy=False)
-    write_atomic(out_dir / "trials.csv", trials_csv(trials))
+    multi = is_multi_objective(study)
+    names = metric_names(study) if multi else None
+    write_atomic(out_dir / "trials.csv", trials_csv(trials, names))
+    if multi:
+        front = pareto_front(study)
+        if front:
+            write_atomic(out_dir / "best.yaml", front_yaml(study, cfg, front, base_overrides))
+        return
     best = _best_trial(study)
     if best is None:
         return
     write_atomic(out_dir / "best.yaml", best_yaml(study, cfg, best, base_overrides))
 
 
-def trials_csv(trials: Sequence[FrozenTrial]) -> str:
-    """One row per trial: number, state, value, duration, params, user attributes."""
+def trials_csv(trials: Sequence[FrozenTrial], metrics: Sequence[str] | None = None) -> str:
+    """One row per trial: number, state, value, duration, params, user attributes. With the
+    `metrics` of a multi-objective study, one `values_<metric>` column per metric (as
+    Optuna's trials_dataframe names them) instead of `value`."""
     rows = []
     for t in trials:
-        row: dict[str, Any] = {
-            "number": t.number,
-            "state": t.state.name,
-            "value": t.value,
+        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+        if metrics is None:
+            row["value"] = t.value
+        else:
+            values = t.values or [None] * len(metrics)
+            row.update({f"values_{m}": v for m, v in zip(metrics, values, strict=True)})
+        row |= {
             "duration_s": None if t.duration is None else round(t.duration.total_seconds(), 3),
             "epochs_reported": len(t.intermediate_values),
             "retry_of": t.system_attrs.get("failed_trial"),
@@ -169,15 +191,21 @@ def trials_csv(trials: Sequence[FrozenTrial]) -> str:
     return buf.getvalue()
 
 
+def retrain(t: FrozenTrial, base_overrides: Sequence[str]) -> tuple[list[str], str]:
+    """The overrides that retrain trial `t` (the command line's, then the trial's own) and
+    the `python -m kmnist_sweep ...` command they make."""
+    trial_overrides = list(t.user_attrs.get("overrides") or to_overrides(trial_values(t)))
+    searched = {o.split("=", 1)[0] for o in trial_overrides}
+    overrides = [o for o in base_overrides if o.lstrip("+~").split("=", 1)[0] not in searched]
+    overrides += trial_overrides
+    return overrides, "python -m kmnist_sweep " + " ".join(shlex.quote(o) for o in overrides)
+
+
 def best_yaml(
     study: optuna.Study, cfg: DictConfig, best: FrozenTrial, base_overrides: Sequence[str]
 ) -> str:
     values = trial_values(best)
-    trial_overrides = list(best.user_attrs.get("overrides") or to_overrides(values))
-    searched = {o.split("=", 1)[0] for o in trial_overrides}
-    overrides = [o for o in base_overrides if o.lstrip("+~").split("=", 1)[0] not in searched]
-    overrides += trial_overrides
-    command = "python -m kmnist_sweep " + " ".join(shlex.quote(o) for o in overrides)
+    overrides, command = retrain(best, base_overrides)
     body = {
         "study": study.study_name,
         "storage": mask_url(str(cfg.study.storage)),
@@ -189,6 +217,41 @@ def best_yaml(
         "overrides": overrides,
     }
     header = f"# Best trial of study {study.study_name}. Retrain it with:\n#   {command}\n"
+    return header + OmegaConf.to_yaml(OmegaConf.create(body))
+
+
+def front_yaml(
+    study: optuna.Study,
+    cfg: DictConfig,
+    front: Sequence[FrozenTrial],
+    base_overrides: Sequence[str],
+) -> str:
+    """best.yaml of a multi-objective study: every Pareto-front trial, each with its values,
+    params, overrides and the command that retrains it."""
+    names = metric_names(study)
+    trials = []
+    for t in front:
+        overrides, command = retrain(t, base_overrides)
+        trials.append(
+            {
+                "trial": t.number,
+                "values": dict(zip(names, t.values, strict=True)),
+                "params": trial_values(t),
+                "overrides": overrides,
+                "command": command,
+            }
+        )
+    body = {
+        "study": study.study_name,
+        "storage": mask_url(str(cfg.study.storage)),
+        "metrics": names,
+        "directions": [d.name.lower() for d in study.directions],
+        "pareto_front": trials,
+    }
+    header = (
+        f"# Pareto front of study {study.study_name}: {len(front)} trial(s), none beaten in "
+        f"every metric ({', '.join(names)}) by another.\n# Retrain one with its `command`.\n"
+    )
     return header + OmegaConf.to_yaml(OmegaConf.create(body))
 
 

@@ -1,7 +1,8 @@
 """Study report: PNG plots and one HTML page under `<out_dir>/report/`.
 
 `write_report` draws Optuna's plots (history, importances, parallel coordinates, slices,
-intermediate values), copies the LR-finder curves, and, given test predictions, a confusion
+intermediate values; a multi-objective study's Pareto front first, and its one-objective
+plots for its first metric), copies the LR-finder curves, and, given test predictions, a confusion
 matrix and a grid of misclassified images labelled with the actual characters. A plot that
 cannot be drawn (too few trials, one parameter) becomes a line in the page, never an error:
 the report is written at the end of a sweep whose results must not be lost to a plot.
@@ -27,6 +28,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from kmnist_sweep.data.datasets import load_dataset
+from kmnist_sweep.results import pareto
 from kmnist_sweep.results.batchsize import (
     SizeAnswer,
     answer_text,
@@ -107,14 +109,16 @@ def write_report(
     directory = Path(out_dir) / "report"
     directory.mkdir(parents=True, exist_ok=True)
     report = Report(directory)
-    if sizes is not None:  # a batch-size study opens with its answer
-        add_size_answer(report, sizes)
     # Optuna switches pyplot to its "ggplot" style; rc_context puts the caller's style back.
     with warnings.catch_warnings(), matplotlib.rc_context():
         # Optuna marks its matplotlib plots experimental, and its axes warn when every trial
         # has the same value: neither is news in a report.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", "Attempting to set identical", UserWarning)
+        if pareto.is_multi_objective(study):  # several objectives: the front is the answer
+            add_front(report, study)
+        if sizes is not None:  # a batch-size study opens with its answer
+            add_size_answer(report, sizes)
         add_study_plots(report, study)
     for i, curve in enumerate(lr_curves):
         report.sections.append(copy_curve(Path(curve), directory, i))
@@ -143,6 +147,12 @@ def add_size_answer(report: Report, answer: SizeAnswer) -> None:
         section.table = size_table(answer)
 
 
+def add_front(report: Report, study: optuna.Study) -> None:
+    section = report.add("Pareto front", "pareto_front", lambda: pareto.plot_front(study))
+    if section is not None:
+        section.table = pareto.front_table(study)
+
+
 # ---------------------------------------------------------------- Optuna's plots
 
 
@@ -152,7 +162,12 @@ def add_study_plots(report: Report, study: optuna.Study) -> None:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     params = sorted({name for t in complete for name in t.params})
     finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-    target_name = (study.metric_names or ["Objective Value"])[0]  # e.g. val/acc, when set
+    # e.g. val/acc; several objectives: the plots of one show the first, as their target
+    target_name = pareto.metric_names(study)[0]
+    multi = pareto.is_multi_objective(study)
+    first = (lambda t: t.values[0]) if multi else None
+    target: dict[str, Any] = {"target": first, "target_name": target_name}
+    of = f" of {target_name}" if multi else ""  # which of the metrics a plot shows
 
     def need_complete() -> None:
         if not complete:
@@ -160,7 +175,7 @@ def add_study_plots(report: Report, study: optuna.Study) -> None:
 
     def history() -> Figure:
         need_complete()
-        return _figure(ovm.plot_optimization_history(study, target_name=target_name))
+        return _figure(ovm.plot_optimization_history(study, **target))
 
     def importances() -> Figure:
         if len(complete) < 2 or len(params) < 2:
@@ -169,31 +184,29 @@ def add_study_plots(report: Report, study: optuna.Study) -> None:
                 f"(have {len(complete)} and {len(params)})"
             )
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # same plot every time
-        return _figure(
-            ovm.plot_param_importances(study, evaluator=evaluator, target_name=target_name)
-        )
+        return _figure(ovm.plot_param_importances(study, evaluator=evaluator, **target))
 
     def parallel() -> Figure:
         need_complete()
         if not params:
             raise SkipPlot("skipped: the trials have no parameters")
-        return _figure(ovm.plot_parallel_coordinate(study, target_name=target_name))
+        return _figure(ovm.plot_parallel_coordinate(study, **target))
 
     def slices() -> Figure:
         need_complete()
         if not params:
             raise SkipPlot("skipped: the trials have no parameters")
-        return _figure(ovm.plot_slice(study, target_name=target_name))
+        return _figure(ovm.plot_slice(study, **target))
 
     def intermediate() -> Figure:
         if not any(t.intermediate_values for t in finished):
             raise SkipPlot("skipped: no trial reported per-epoch values")
         return _figure(ovm.plot_intermediate_values(study))
 
-    report.add("Optimisation history", "optimization_history", history)
-    report.add("Parameter importances (fANOVA)", "param_importances", importances)
-    report.add("Parallel coordinates", "parallel_coordinate", parallel)
-    report.add("Slice plots", "slice", slices)
+    report.add(f"Optimisation history{of}", "optimization_history", history)
+    report.add(f"Parameter importances (fANOVA){of}", "param_importances", importances)
+    report.add(f"Parallel coordinates{of}", "parallel_coordinate", parallel)
+    report.add(f"Slice plots{of}", "slice", slices)
     report.add("Intermediate values (per epoch)", "intermediate_values", intermediate)
 
 
@@ -276,7 +289,7 @@ def render_html(study: optuna.Study, report: Report, scores: dict[str, float], n
     try:
         best = study.best_trial
     except (ValueError, RuntimeError):  # no complete trial yet, or several objectives
-        rows.append(("best trial", "none"))
+        rows.extend(pareto.front_rows(study) or [("best trial", "none")])
     else:
         direction = study.direction.name.lower()
         rows.append(("best trial", f"#{best.number}: {best.value:.6g} ({direction})"))
@@ -350,10 +363,7 @@ def report_sweep(study: optuna.Study, cfg: DictConfig) -> Path:
     out_dir = Path(str(cfg.study.output_dir))
     dataset = load_dataset(cfg.data)
     labels = preds = images = None
-    try:
-        best = study.best_trial
-    except ValueError:  # no complete trial yet
-        best = None
+    best = pareto.shown_trial(study)  # None: no complete trial yet
     if best is not None:
         saved = out_dir / "trials" / str(best.number) / VALID_PREDICTIONS
         if saved.exists():
@@ -376,7 +386,8 @@ def report_sweep(study: optuna.Study, cfg: DictConfig) -> Path:
     tracker = Tracker(cfg.tracking, study.study_name, out_dir)
     summary: dict[str, object] = {"study": study.study_name, "n_trials": len(study.trials)}
     if best is not None:
-        summary.update({"best/value": best.value, "best/trial": best.number, **best.params})
+        summary.update({"best/value": best.values[0], "best/trial": best.number, **best.params})
+    summary.update(pareto.front_summary(study))
     pngs = {p.stem: p for p in sorted(page.parent.glob("*.png"))}
     tracker.log_study_summary(summary, pngs)
     tracker.close()

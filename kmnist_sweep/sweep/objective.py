@@ -1,4 +1,5 @@
-"""The Optuna objective: suggest -> train -> report every epoch -> prune -> return the metric.
+"""The Optuna objective: suggest -> train -> report every epoch -> prune -> return the metric
+(or, for a multi-objective study, the value of each of study.metrics, never pruned).
 
 This is the only module that touches `optuna.Trial`. Around the engine it adds the two
 ideas of the article: the LR is seeded from the LR finder, and a batch that runs out of
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial
 
 from kmnist_sweep import trial_attrs
+from kmnist_sweep.config.check import objectives
 from kmnist_sweep.config.search_space import (
     Param,
     apply_params,
@@ -91,6 +93,9 @@ class TrainingObjective:
         self.params = parse_space(cfg.search_space, cfg)
         self.seeded = [p.name for p in self.params if p.type == "lr_finder"]
         self.metric = str(cfg.study.metric)
+        # Several objectives: the trial returns one value per metric, in this order.
+        self.metrics = [metric for metric, _ in objectives(cfg.study)]
+        self.multi = len(self.metrics) > 1
         self.out_dir = Path(str(cfg.study.output_dir))
         self.tracker = tracker
         self._dataset: Dataset | None = None
@@ -130,7 +135,7 @@ class TrainingObjective:
 
     # ---------------------------------------------------------------- one trial
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         if self.tracker is None:
             self.tracker = Tracker(self.cfg.tracking, str(self.cfg.study.name), self.out_dir)
             atexit.register(self.tracker.close)
@@ -177,6 +182,9 @@ class TrainingObjective:
             save_predictions(result, self.out_dir / "trials" / str(trial.number))
         except OSError as exc:  # a full or read-only disk costs the report a figure, not the trial
             log.warning("trial %d: could not save predictions: %s", trial.number, exc)
+        if self.multi:
+            measured = {**result.valid, **performance(result)}
+            return tuple(float(measured[metric]) for metric in self.metrics)
         return result.valid[self.metric]
 
 
@@ -184,6 +192,7 @@ def performance(result: engine.TrainResult) -> dict[str, Any]:
     """What the trial cost, as trial attributes: speed, time and memory of the run that counted."""
     return {
         trial_attrs.SECONDS: round(result.seconds, 2),
+        trial_attrs.TRAIN_SECONDS: round(result.train_seconds, 3),
         trial_attrs.IMAGES_PER_S: round(result.images_per_s, 1),
         trial_attrs.SECONDS_PER_EPOCH: round(result.seconds_per_epoch, 3),
         trial_attrs.PEAK_MEMORY_MB: round(result.peak_memory / 2**20, 1),
@@ -237,6 +246,8 @@ class _TrialRun:
         metric, trial = self.objective.metric, self.trial
         if self.objective.tracker is not None:
             self.objective.tracker.log_epoch(epoch, metrics)
+        if self.objective.multi:
+            return  # Optuna cannot report or prune a trial of several values: wandb has them
         if metric not in metrics:
             raise KeyError(f"study.metric={metric!r} is not one of {sorted(metrics)}")
         # After a halving the run restarts: the first attempt's reports for these epochs

@@ -1,10 +1,13 @@
 """The study-level progress bar: finished / total, best so far, one line per ended trial.
-It polls the storage, so it shows the work of every worker, local or on a cluster."""
+It polls the storage, so it shows the work of every worker, local or on a cluster. For a
+multi-objective study "best" is the best value of the first metric, and each ended trial's
+line shows every metric."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -21,6 +24,10 @@ class Progress:
     def __init__(self, study: optuna.Study, n_trials: int, metric: str) -> None:
         self.study = study
         self.metric = metric
+        # A multi-objective study names its values (sweep/study.py sets them); one value
+        # keeps the metric it was given.
+        names = study.metric_names if len(study.directions) > 1 else None
+        self.metrics: list[str] = list(names or [metric])
         trials = study.get_trials(deepcopy=False)
         self.seen = {t.number for t in trials if t.state.is_finished()}
         finished = sum(t.state in FINISHED for t in trials)
@@ -41,18 +48,20 @@ class Progress:
         for t in trials:
             if t.state.is_finished() and t.number not in self.seen:
                 self.seen.add(t.number)
-                self.bar.write(describe_trial(t, self.metric))
+                self.bar.write(describe_trial(t, self.metrics))
         finished = sum(t.state in FINISHED for t in trials)
         self.bar.n = min(finished, self.bar.total)
-        complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
         postfix: dict[str, Any] = {
             "running": sum(t.state == TrialState.RUNNING for t in trials),
             "pruned": sum(t.state == TrialState.PRUNED for t in trials),
         }
         if complete:
-            sign = 1.0 if self.study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-            best = max(complete, key=lambda t: sign * cast(float, t.value))
-            postfix["best"] = f"{best.value:.4f} (#{best.number})"
+            first = self.study.directions[0]
+            sign = 1.0 if first == optuna.study.StudyDirection.MAXIMIZE else -1.0
+            best = max(complete, key=lambda t: sign * t.values[0])
+            shown = f"{self.metrics[0]} " if len(self.metrics) > 1 else ""
+            postfix["best"] = f"{shown}{best.values[0]:.4f} (#{best.number})"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
 
@@ -60,12 +69,13 @@ class Progress:
         self.bar.close()
 
 
-def describe_trial(t: FrozenTrial, metric: str) -> str:
-    """`trial 7 complete val/acc=0.9120 trainer.batch_size=256 (3.1 s)`."""
+def describe_trial(t: FrozenTrial, metrics: Sequence[str]) -> str:
+    """`trial 7 complete val/acc=0.9120 trainer.batch_size=256 (3.1 s)`; one `name=value`
+    per metric of a multi-objective study."""
     overrides = trial_attrs.overrides_of(t.user_attrs) or [f"{k}={v}" for k, v in t.params.items()]
-    value = f" {metric}={t.value:.4f}" if t.value is not None else ""
+    value = "".join(f" {m}={v:.4f}" for m, v in zip(metrics, t.values or [], strict=False))
     if t.state == TrialState.PRUNED and t.intermediate_values:
         step = max(t.intermediate_values)
-        value = f" at epoch {step}: {metric}={t.intermediate_values[step]:.4f}"
+        value = f" at epoch {step}: {metrics[0]}={t.intermediate_values[step]:.4f}"
     seconds = f" ({t.duration.total_seconds():.1f} s)" if t.duration else ""
     return f"trial {t.number} {t.state.name.lower()}{value} {' '.join(overrides)}{seconds}"

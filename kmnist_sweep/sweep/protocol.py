@@ -23,8 +23,9 @@ from kmnist_sweep.errors import ConfigError
 
 @runtime_checkable
 class SweepObjective(Protocol):
-    def __call__(self, trial: optuna.Trial) -> float:
-        """Train the trial's config, report every epoch, return the study's metric."""
+    def __call__(self, trial: optuna.Trial) -> float | Sequence[float]:
+        """Train the trial's config, report every epoch, return the study's metric (one
+        value per metric of a multi-objective study, which reports and prunes nothing)."""
 
     def check(self) -> None:
         """Check the objective's own input (e.g. load the data) before any storage is
@@ -45,12 +46,13 @@ Factory = Callable[[DictConfig], Any]
 
 
 class FunctionObjective:
-    """A plain `trial -> float` function with the protocol's hooks doing nothing."""
+    """A plain `trial -> float` (or one value per objective) function with the protocol's
+    hooks doing nothing."""
 
-    def __init__(self, function: Callable[[optuna.Trial], float]) -> None:
+    def __init__(self, function: Callable[[optuna.Trial], float | Sequence[float]]) -> None:
         self.function = function
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | Sequence[float]:
         return self.function(trial)
 
     def check(self) -> None:

@@ -16,6 +16,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from kmnist_sweep import trial_attrs
+from kmnist_sweep.config.check import objectives
 from kmnist_sweep.config.search_space import Param, optuna_name, pow2_exponents, space_difference
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.masking import mask_url
@@ -134,29 +135,36 @@ def create_or_load_study(
     With `search_space` (the resolved mapping), an existing study must have been created
     with the same one (same keys, types, bounds and choices, however written), checked
     before anything is written; a new study, or an older one without it, stores it.
+    Its directions and metric names are those of `objectives(study_cfg)`: several when
+    study.directions and study.metrics are set (a multi-objective study).
     """
     name = str(study_cfg.name)
-    direction = str(study_cfg.direction)
-    metric = str(study_cfg.metric)
-    if direction not in ("maximize", "minimize"):
-        raise ConfigError(f"study.direction={direction!r} is not maximize or minimize")
+    pairs = objectives(study_cfg)
+    metrics, directions = [m for m, _ in pairs], [d for _, d in pairs]
+    for direction in directions:
+        if direction not in ("maximize", "minimize"):
+            raise ConfigError(f"study.direction={direction!r} is not maximize or minimize")
+    # One objective keeps its metric as a string (as studies made before several existed).
+    metric: str | list[str] = metrics if len(metrics) > 1 else metrics[0]
     try:
         study_id: int | None = storage.get_study_id_from_name(name)
     except KeyError:
         study_id = None
     if study_id is not None:
-        directions = [d.name.lower() for d in storage.get_study_directions(study_id)]
-        if directions != [direction]:
+        old_directions = [d.name.lower() for d in storage.get_study_directions(study_id)]
+        if old_directions != directions:
             raise ConfigError(
                 f"study {name!r} already exists in {mask_url(str(study_cfg.storage))} with "
-                f"direction {'/'.join(directions)}, not {direction}: pick another study.name"
+                f"direction {'/'.join(old_directions)}, not {'/'.join(directions)}: "
+                "pick another study.name"
             )
         attrs = storage.get_study_user_attrs(study_id)
         old_metric = attrs.get(trial_attrs.STUDY_METRIC)
         if old_metric is not None and old_metric != metric:
             raise ConfigError(
                 f"study {name!r} already exists in {mask_url(str(study_cfg.storage))} with "
-                f"metric {old_metric}, not {metric}: pick another study.name"
+                f"metric {_metric_text(old_metric)}, not {_metric_text(metric)}: "
+                "pick another study.name"
             )
         old_space = attrs.get(trial_attrs.STUDY_SEARCH_SPACE)
         if search_space is not None and old_space is not None:
@@ -169,7 +177,7 @@ def create_or_load_study(
     study = optuna.create_study(
         storage=storage,
         study_name=name,
-        direction=cast(Any, direction),
+        directions=cast(Any, directions),
         sampler=sampler,
         pruner=pruner,
         load_if_exists=True,
@@ -177,10 +185,15 @@ def create_or_load_study(
     if study_id is None:
         study.set_user_attr(trial_attrs.STUDY_METRIC, metric)
         with quiet_optuna_warnings():  # "experimental" since Optuna 3.2
-            study.set_metric_names([metric])  # optuna-dashboard shows val/acc, not "Objective 0"
+            study.set_metric_names(metrics)  # optuna-dashboard shows val/acc, not "Objective 0"
     if search_space is not None and trial_attrs.STUDY_SEARCH_SPACE not in study.user_attrs:
         study.set_user_attr(trial_attrs.STUDY_SEARCH_SPACE, search_space)
     return study
+
+
+def _metric_text(metric: Any) -> str:
+    """val/acc, or [val/acc, speed/train_s] for a multi-objective study."""
+    return f"[{', '.join(map(str, metric))}]" if isinstance(metric, list) else str(metric)
 
 
 def open_study_storage(study_cfg: DictConfig) -> BaseStorage:

@@ -57,7 +57,7 @@ SLOT_LOCK = ".slots.lock"  # file under output_dir that workers on one host take
 
 def work(
     study: optuna.Study,
-    objective: Callable[[optuna.Trial], float],
+    objective: Callable[[optuna.Trial], float | Sequence[float]],
     n_trials: int,
     *,
     deadline: float | None = None,
@@ -86,7 +86,7 @@ def work(
     since = since or datetime.datetime.now()
     slot = _SlotLock(lock_path)
 
-    def guarded(trial: optuna.Trial) -> float:
+    def guarded(trial: optuna.Trial) -> float | Sequence[float]:
         slot.release()  # the trial exists now: other workers count it
         mine.append(trial.number)
         try:
