@@ -4,6 +4,8 @@
     python -m kmnist_sweep +sweep=batchsize                # a sweep
     python -m kmnist_sweep report +sweep=batchsize         # rewrite a study's report
     python -m kmnist_sweep copy-study FROM_URL TO_URL NAME # move a study to another storage
+    python -m kmnist_sweep final sweeps/<study>            # retrain the best trial, test, bundle
+    python -m kmnist_sweep predict MODEL.zip IMAGES...     # top-k characters of PNG/JPEG files
 
 Every error in the user's input is one line on stderr and exit status 2; a sweep stopped
 for another reason is one line and exit 1; Ctrl-C/SIGTERM exit 130/143.
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import hydra
 import optuna
@@ -22,13 +26,21 @@ from omegaconf import DictConfig, OmegaConf
 import kmnist_sweep  # noqa: F401  (torchvision compat before fastai loads)
 from kmnist_sweep.config.check import check_config
 from kmnist_sweep.config.compose import CONF_DIR, preflight
+from kmnist_sweep.config.device import pick_device
 from kmnist_sweep.data.datasets import load_dataset
+from kmnist_sweep.data.images import image_files
 from kmnist_sweep.errors import Interrupted, SweepStopped, UserError
+from kmnist_sweep.files import check_writable_dir
 from kmnist_sweep.masking import mask_url, scrub, scrub_text
+from kmnist_sweep.results import predict
+from kmnist_sweep.results.bundle import load_model, read_bundle
 from kmnist_sweep.results.report import report_sweep
+from kmnist_sweep.sweep.final import run_final
 from kmnist_sweep.sweep.runner import run_sweep
 from kmnist_sweep.sweep.storage import copy_study, open_storage
 from kmnist_sweep.train import engine
+
+T = TypeVar("T")
 
 
 def train_once(cfg: DictConfig) -> float:
@@ -123,7 +135,7 @@ def _entry(cfg: DictConfig) -> float | None:
     return None
 
 
-def fail(line: str, status: int) -> None:
+def fail(line: str, status: int) -> NoReturn:
     print(f"kmnist_sweep: {line}", file=sys.stderr, flush=True)
     sys.exit(status)
 
@@ -162,10 +174,90 @@ def copy_study_cli(args: list[str]) -> None:
     print(f"copied study {ns.name!r}: {count} trials to {mask_url(ns.to_url)}", flush=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as our one line and exit status 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"error: {message} (see {self.prog} --help)", 2)
+
+
+def final_cli(args: list[str]) -> None:
+    """`python -m kmnist_sweep final sweeps/<study> [--trial N] [--out FILE] [key=value ...]`"""
+    parser = _Parser(
+        prog="python -m kmnist_sweep final",
+        description="Retrain a study's best trial (or --trial N) on train+valid, evaluate the "
+        "test split once, and write a model bundle (weights, class map, config, data md5s, "
+        "versions, test metrics) for predict.",
+    )
+    parser.add_argument("study_dir", type=Path, help="the sweep's folder, e.g. sweeps/lr-kmnist")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. trainer.device=cpu"
+    )
+    parser.add_argument("--trial", type=int, help="trial number (default: best.yaml's trial)")
+    parser.add_argument(
+        "--out", type=Path, help="bundle file (default: <study_dir>/model-trialN.zip)"
+    )
+    parser.add_argument("--storage", help="the study's storage URL, if not config.yaml's")
+    ns = parser.parse_args(args)
+    result = guarded(lambda: run_final(ns.study_dir, ns.trial, ns.out, ns.overrides, ns.storage))
+    key = f"test/{result.metric}"
+    line = (
+        f"final: {key} {result.metrics[key]:.4f} on {int(result.metrics['test/images'])} "
+        f"test images (trial {result.trial} of {result.study}, fit {result.seconds:.1f} s)"
+    )
+    print(line + (f"  [{result.note}]" if result.note else ""), flush=True)
+    print(f"bundle: {result.bundle}", flush=True)
+
+
+def predict_cli(args: list[str]) -> None:
+    """`python -m kmnist_sweep predict MODEL.zip IMAGE_OR_FOLDER ... [--top-k K] [--csv FILE]`"""
+    parser = _Parser(
+        prog="python -m kmnist_sweep predict",
+        description="Classify PNG/JPEG images (any size; dark-on-light ones are inverted) with "
+        "a bundle written by final; prints the top-k characters of each image.",
+    )
+    parser.add_argument("bundle", type=Path, help="model bundle (.zip) written by final")
+    parser.add_argument("images", type=Path, nargs="+", help="image files or folders of them")
+    parser.add_argument("--top-k", type=int, default=3, help="characters per image (default 3)")
+    parser.add_argument("--csv", type=Path, help="also write image,rank,class,character,... here")
+    ns = parser.parse_args(args)
+
+    def run() -> list[predict.Prediction]:
+        bundle = read_bundle(ns.bundle)
+        if not 1 <= ns.top_k <= len(bundle.classes):
+            raise UserError(f"--top-k {ns.top_k} is not in 1-{len(bundle.classes)} (classes)")
+        if ns.csv is not None:
+            if ns.csv.is_dir():
+                raise UserError(f"--csv {ns.csv} is a folder: name a file")
+            check_writable_dir(ns.csv.parent, f"--csv {ns.csv} cannot be written")
+        files = image_files(ns.images)
+        device = pick_device("auto")  # CUDA when there is one
+        model = load_model(bundle, ns.bundle, device)
+        preds = predict.predict_files(bundle, model, files, ns.top_k, device)
+        if ns.csv is not None:
+            predict.write_csv(ns.csv, preds)
+        return preds
+
+    for pred in guarded(run):
+        print(predict.format_line(pred))
+    sys.stdout.flush()
+
+
+def guarded(work: Callable[[], T]) -> T:
+    """`work()`, with bad input as one line and exit 2, Ctrl-C as exit 130."""
+    try:
+        return work()
+    except UserError as exc:
+        fail(f"error: {exc}", 2)
+    except KeyboardInterrupt as exc:
+        fail(f"interrupted: {exc or 'interrupted'}", getattr(exc, "exit_code", 130))
+
+
 def main() -> None:
     global MODE
-    if len(sys.argv) > 1 and sys.argv[1] == "copy-study":
-        copy_study_cli(sys.argv[2:])
+    commands = {"copy-study": copy_study_cli, "final": final_cli, "predict": predict_cli}
+    if len(sys.argv) > 1 and sys.argv[1] in commands:
+        commands[sys.argv[1]](sys.argv[2:])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         MODE = "report"

@@ -16,19 +16,26 @@ KMNIST_SWEEP_TEST_JOBS=1 a change is pinned on exactly the case that made it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sqlite3
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+from PIL import Image
 
 from kmnist_sweep.config.search_space import space_difference
+from kmnist_sweep.data.datasets import K49_CLASSES
 from kmnist_sweep.data.download import BYTES
+from kmnist_sweep.results.bundle import BUNDLE_JSON, make_bundle, write_bundle
+from kmnist_sweep.train.model import build_model
 from tests.synth_files import IDX_NAMES, balanced_labels, labelled_images, write_idx_gz
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,10 +124,46 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cut = root / "trunc" / images
     cut.write_bytes(cut.read_bytes()[:4096])  # a download cut short
     (root / "badmd5" / images).write_bytes(bytes(BYTES[images]))  # official size, other bytes
+    write_bundles(root)
     made = cli(*EXISTING_STUDY, cwd=root)
     assert made.returncode == 0, made.stderr[-3000:]
     assert (root / "storage" / "lr-synthetic.db").is_file()
     return root
+
+
+def write_bundles(root: Path) -> None:
+    """digit.png; model.zip, a real bundle of an untrained ResNet-18 for 10 classes; and two
+    edited copies: model-v2.zip (format version 2) and model-mixed.zip (K49's class map)."""
+    Image.fromarray(labelled_images(0, 1, 28)[0]).save(root / "digit.png")
+    cfg = OmegaConf.create(
+        {"model": {"arch": "resnet18", "stem": "imagenet", "pretrained": False}}
+    )
+    write_bundle(
+        root / "model.zip",
+        make_bundle(
+            cfg,
+            classes=list("0123456789"),
+            image_size=28,
+            mean=0.2,
+            std=0.3,
+            model=build_model(cfg.model, 10),
+            data_name="synthetic",
+            note="",
+            files=(),
+            source={},
+        ),
+    )
+    edits = {
+        "model-v2.zip": {"format_version": 2, "versions": {"kmnist_sweep": "9.0.0"}},
+        "model-mixed.zip": {"classes": K49_CLASSES, "data": {"name": "k49", "files": {}}},
+    }
+    with zipfile.ZipFile(root / "model.zip") as source:
+        entries = {name: source.read(name) for name in source.namelist()}
+    for name, edit in edits.items():
+        meta = {**json.loads(entries[BUNDLE_JSON]), **edit}
+        with zipfile.ZipFile(root / name, "w") as out:
+            for entry, data in entries.items():
+                out.writestr(entry, json.dumps(meta) if entry == BUNDLE_JSON else data)
 
 
 def snapshot(root: Path) -> dict[str, object]:

@@ -152,14 +152,14 @@ def test_real_files_in_torchvision_layout_verify_and_read(
     one_line_error(lambda: load_dataset(cfg), "train-images-idx3-ubyte.gz", url, str(raw))
 
 
-@needs_real
 def test_kmnist_sample_real_split_is_stratified_seeded_and_labelled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(PROJECT)  # the default root is relative to the project root
-    shared_before = sorted(p.name for p in REAL.iterdir())
+    monkeypatch.chdir(tmp_path)  # the default (root: null) is the copy inside the package
+    sample = download.SAMPLE_DIR
+    before = sorted(p.name for p in sample.iterdir())
     dataset = load_dataset(data_cfg("kmnist_sample"))
-    assert sorted(p.name for p in REAL.iterdir()) == shared_before  # it writes nothing there
+    assert sorted(p.name for p in sample.iterdir()) == before  # it writes nothing there
     assert dataset.classes == datasets.KMNIST_CLASSES and dataset.metric == "acc"
     assert (dataset.num_classes, dataset.image_size) == (10, 28)
     assert "not the official benchmark protocol" in dataset.note and "80/20" in dataset.note
@@ -171,7 +171,7 @@ def test_kmnist_sample_real_split_is_stratified_seeded_and_labelled(
         assert split.images.shape[1:] == (28, 28)
 
     # The three parts hold exactly the 10k official images (compared as sorted rows).
-    original = formats.read_idx(REAL / "t10k-images-idx3-ubyte.gz").reshape(10000, -1)
+    original = formats.read_idx(sample / "t10k-images-idx3-ubyte.gz").reshape(10000, -1)
     parts = torch.cat([dataset.train.images, dataset.valid.images, dataset.test.images])
     rows = parts.reshape(10000, -1).numpy()
     assert np.array_equal(np.unique(rows, axis=0), np.unique(original, axis=0))
@@ -187,11 +187,11 @@ def test_kmnist_sample_real_split_is_stratified_seeded_and_labelled(
     assert not torch.equal(other_split.test.images, dataset.test.images)
 
     # torchvision's layout under root is found as well.
-    raw = tmp_path / "KMNIST" / "raw"
+    raw = tmp_path / "tv" / "KMNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in REAL_MD5:
-        (raw / name).symlink_to(REAL / name)
-    via_torchvision = load_dataset(data_cfg("kmnist_sample", root=str(tmp_path)))
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (raw / name).symlink_to(sample / name)
+    via_torchvision = load_dataset(data_cfg("kmnist_sample", root=str(tmp_path / "tv")))
     assert torch.equal(via_torchvision.test.images, dataset.test.images)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,7 @@ class Dataset:
     test: Split  # official test set, or the held-out part for kmnist_sample / kkanji
     metric: str  # "acc" or "bacc" (balanced accuracy: mean recall over classes)
     note: str  # printed next to every accuracy ("" for official protocols)
+    files: tuple[Path, ...] = ()  # the files read (a model bundle records their md5s)
 
     @property
     def num_classes(self) -> int:

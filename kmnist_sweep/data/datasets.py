@@ -23,6 +23,8 @@ from kmnist_sweep.data.download import (
     IDX_FILES,
     KKANJI_TAR,
     OFFICIAL_URL,
+    OFFLINE_HINT,
+    SAMPLE_DIR,
     ensure_files,
     verify_file,
 )
@@ -103,7 +105,8 @@ def _load_release(cfg: DictConfig) -> Dataset:
         raise DataError(f"unknown data.format {fmt!r} for {name}: use idx or npz")
     url = str(cfg.mirror or OFFICIAL_URL + name)
     files = [file for pair in names.values() for file in pair]
-    ensure_files(directory, files, url, download=bool(cfg.download), verify=verify)
+    hint = OFFLINE_HINT if name == "kmnist" else ""
+    paths = ensure_files(directory, files, url, bool(cfg.download), verify, hint=hint)
 
     read = read_idx if fmt == "idx" else read_npz
     classes = KMNIST_CLASSES if name == "kmnist" else K49_CLASSES
@@ -117,7 +120,7 @@ def _load_release(cfg: DictConfig) -> Dataset:
         train_images, train_labels, float(cfg.valid_fraction), int(cfg.seed)
     )
     test = to_split(*parts["test"])
-    return Dataset(name, classes, train, valid, test, str(cfg.metric), note="")
+    return Dataset(name, classes, train, valid, test, str(cfg.metric), "", tuple(paths))
 
 
 def _load_kmnist_sample(cfg: DictConfig) -> Dataset:
@@ -126,8 +129,9 @@ def _load_kmnist_sample(cfg: DictConfig) -> Dataset:
     The held-out part depends only on `split_seed`, so every run and trial is tested on the
     same images; the valid part follows the run's `seed` like every other dataset's.
     """
-    root = resolved_config(cfg.root)
-    # Accept the plain folder (../shared/data/kmnist) or torchvision's <root>/KMNIST/raw.
+    # null: the copy inside the package, found from any working folder and after an install.
+    root = SAMPLE_DIR if cfg.root is None else resolved_config(cfg.root)
+    # Accept the plain folder (the bundled copy) or torchvision's <root>/KMNIST/raw.
     directory = next(
         (d for d in (root, root / "KMNIST" / "raw") if (d / IDX_FILES["test"][0]).is_file()), root
     )
@@ -161,7 +165,8 @@ def _load_kmnist_sample(cfg: DictConfig) -> Dataset:
         "(train 60k / test 10k)"
     )
     test = to_split(images, labels, held_out)
-    return Dataset("kmnist_sample", KMNIST_CLASSES, train, valid, test, str(cfg.metric), note)
+    metric = str(cfg.metric)
+    return Dataset("kmnist_sample", KMNIST_CLASSES, train, valid, test, metric, note, tuple(paths))
 
 
 def _load_kkanji(cfg: DictConfig) -> Dataset:
@@ -202,7 +207,7 @@ def _load_kkanji(cfg: DictConfig) -> Dataset:
         "classes with one image are train-only"
     )
     train, valid, test = (to_split(images, labels, parts[p]) for p in ("train", "valid", "test"))
-    return Dataset("kkanji", classes, train, valid, test, str(cfg.metric), note)
+    return Dataset("kkanji", classes, train, valid, test, str(cfg.metric), note, (tar_path,))
 
 
 def _load_synthetic(cfg: DictConfig) -> Dataset:

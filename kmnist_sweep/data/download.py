@@ -23,6 +23,13 @@ IDX_FILES = {  # part -> (images, labels), torchvision's names for the KMNIST ID
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 KKANJI_TAR = "kkanji.tar"
+# The official KMNIST test files, shipped inside the package (package-data) so that
+# data=kmnist_sample runs offline from a fresh clone or an installed wheel.
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+OFFLINE_HINT = (
+    "offline, data=kmnist_sample trains on the official KMNIST test images bundled with "
+    "kmnist_sweep (split 80/20, not the official protocol)"
+)
 
 
 # md5 of the release files. KMNIST's IDX sums are CODH's (torchvision lists the same). CODH
@@ -65,9 +72,11 @@ def ensure_files(
     download: bool,
     verify: bool,
     no_download_reason: str = "data.download is false",
+    hint: str = "",
 ) -> list[Path]:
     """Paths of `names` in `directory`, fetching missing ones from `url` (a folder URL) when
-    `download`, and checking each against its known size and md5 when `verify`."""
+    `download`, and checking each against its known size and md5 when `verify`. `hint` ends
+    the missing-files error (a way to go on without them)."""
     paths = [directory / name for name in names]
     missing = [path for path in paths if not path.is_file()]
     reason = no_download_reason
@@ -88,6 +97,7 @@ def ensure_files(
         raise DataError(
             f"missing {', '.join(p.name for p in missing)} in {directory} ({reason}); "
             f"download {sources} into that folder, or set data.root to where they are"
+            + (f"; {hint}" if hint else "")
         )
     if verify:
         for path in paths:

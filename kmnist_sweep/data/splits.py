@@ -45,3 +45,8 @@ def to_split(images: np.ndarray, labels: np.ndarray, index: np.ndarray | None = 
         images, labels = images[index], labels[index]
     images = np.ascontiguousarray(images, dtype=np.uint8)
     return Split(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
+
+
+def join_splits(*splits: Split) -> Split:
+    """One split of all their images, in order (the final fit trains on train + valid)."""
+    return Split(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]))

@@ -118,6 +118,12 @@ def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.
     return x
 
 
+def to_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 (B, H, W) -> the float (B, 1, H, W) a model takes, standardised by the training
+    split's pixel mean and std (fractions of 255). Training and predict share it."""
+    return images.unsqueeze(1).float().sub_(mean * 255).div_(std * 255)
+
+
 class DeviceLoader:
     """Batches of (normalised float images, labels) from uint8 tensors held on `device`."""
 
@@ -169,7 +175,7 @@ class DeviceLoader:
             yield self.batch(sel)
 
     def batch(self, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[sel].unsqueeze(1).float().sub_(self.mean * 255).div_(self.std * 255)
+        x = to_input(self.images[sel], self.mean, self.std)
         if self.augment is not None:
             x = augment_batch(x, self.augment, self.gen)
         if self.channels_last:

@@ -1,0 +1,224 @@
+"""Model bundles: the one file `final` writes and `predict` reads.
+
+    model-trial3.zip
+      bundle.json   what the model is: format version, class map (index -> character), input
+                    size and normalisation, the composed config (secrets masked), the data's
+                    name, note and file md5s, the test metrics, package versions, git commit
+      weights.pt    the model's state_dict (torch.save; read back with weights_only=True, so
+                    a bundle can carry tensors and nothing that runs code)
+
+A zip, so that `unzip -p model.zip bundle.json` shows what a model is without Python. A
+bundle of another format version is refused with one line: its fields may mean other things.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import subprocess
+import zipfile
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+import kmnist_sweep
+from kmnist_sweep.data.download import md5_of
+from kmnist_sweep.errors import UserError, error_line
+from kmnist_sweep.files import write_atomic
+from kmnist_sweep.masking import scrub
+from kmnist_sweep.train.model import build_model
+
+FORMAT = "kmnist_sweep-model"
+FORMAT_VERSION = 1  # bump when a field changes meaning; read_bundle refuses any other
+BUNDLE_JSON = "bundle.json"
+WEIGHTS = "weights.pt"
+PACKAGES = ("torch", "torchvision", "fastai", "optuna", "kmnist_sweep")
+GIT_TIMEOUT_S = 10  # seconds: a git that hangs (network file system) costs no more
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A trained model and everything needed to use it again or to tell where it came from."""
+
+    classes: list[str]  # index -> character (the dataset's class map)
+    image_size: int  # pixels per side of the model's input
+    mean: float  # training pixels' mean, as a fraction of 255 (inputs are (x - mean) / std)
+    std: float  # training pixels' standard deviation, as a fraction of 255
+    config: dict[str, Any]  # the composed config it was trained with, secrets masked
+    data: dict[str, Any]  # name, note, files: {file name: md5} of the files read
+    source: dict[str, Any]  # study, trial, its validation metric and value
+    metrics: dict[str, float] = field(default_factory=dict)  # test/acc, test/bacc, test/images
+    versions: dict[str, str] = field(default_factory=dict)  # package -> version
+    git_commit: str | None = None  # of the kmnist_sweep checkout, when it is one
+    created: str = ""  # ISO 8601, UTC
+    state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the weights
+
+    def with_metrics(self, metrics: dict[str, float]) -> Bundle:
+        return replace(self, metrics=dict(metrics))
+
+
+def make_bundle(
+    cfg: Any,
+    *,
+    classes: list[str],
+    image_size: int,
+    mean: float,
+    std: float,
+    model: nn.Module,
+    data_name: str,
+    note: str,
+    files: tuple[Path, ...],
+    source: dict[str, Any],
+) -> Bundle:
+    """A bundle of `model` as trained with `cfg` (secrets masked here) on the files read."""
+    # Contiguous CPU copies: a channels-last or CUDA tensor would load as such elsewhere.
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return Bundle(
+        classes=list(classes),
+        image_size=int(image_size),
+        mean=float(mean),
+        std=float(std),
+        config=scrub(cfg),
+        data={"name": data_name, "note": note, "files": file_md5s(files)},
+        source=dict(source),
+        versions=package_versions(),
+        git_commit=git_commit(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        state=state,
+    )
+
+
+def file_md5s(paths: tuple[Path, ...]) -> dict[str, str]:
+    return {path.name: md5_of(path) for path in paths}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # a checkout run without installing it
+            versions[name] = kmnist_sweep.__version__ if name == "kmnist_sweep" else "unknown"
+    return versions
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout this package runs from, '+dirty' with local changes; None for an
+    installed package (even one inside some other repository's tree)."""
+    package = Path(kmnist_sweep.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(package), *args],
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() / "kmnist_sweep" != package:
+            return None
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def write_bundle(path: Path, bundle: Bundle) -> None:
+    """The zip at `path`, written atomically (a reader never sees half a bundle)."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(bundle)}
+    meta.pop("state")
+    weights = io.BytesIO()
+    torch.save(bundle.state, weights)
+
+    def write(out: Any) -> None:
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(BUNDLE_JSON, json.dumps(meta, indent=1, ensure_ascii=False))
+            # Stored, not deflated: float weights barely compress and deflate costs seconds.
+            zf.writestr(WEIGHTS, weights.getvalue(), compress_type=zipfile.ZIP_STORED)
+
+    write_atomic(path, write)
+
+
+def read_bundle(path: Path) -> Bundle:
+    """The bundle at `path`; a UserError (one line) for anything else there."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a model bundle (the .zip file final writes)")
+    if not path.is_file():
+        raise UserError(
+            f"{path}: no such model bundle (make one with: python -m kmnist_sweep final "
+            "sweeps/<study>)"
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if BUNDLE_JSON not in names:
+                raise UserError(f"{path}: not a kmnist_sweep model bundle (no {BUNDLE_JSON})")
+            meta = json.loads(zf.read(BUNDLE_JSON).decode("utf-8"))
+            _check_format(path, meta)
+            if WEIGHTS not in names:
+                raise UserError(f"{path}: damaged model bundle (no {WEIGHTS})")
+            raw = zf.read(WEIGHTS)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise UserError(
+            f"{path}: not a kmnist_sweep model bundle ({error_line(exc, typed=False)})"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path}: damaged model bundle ({BUNDLE_JSON}: {exc})") from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors alike mean "not our weights"
+        raise UserError(f"{path}: damaged model bundle ({WEIGHTS}: {error_line(exc)})") from None
+    fields = {k: meta[k] for k in Bundle.__dataclass_fields__ if k in meta and k != "state"}
+    try:
+        return Bundle(**fields, state=state)
+    except TypeError as exc:  # a required field missing
+        raise UserError(f"{path}: damaged model bundle ({exc})") from None
+
+
+def _check_format(path: Path, meta: Any) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path}: not a kmnist_sweep model bundle ({BUNDLE_JSON} has no format)")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        made_by = (meta.get("versions") or {}).get("kmnist_sweep", "another version")
+        raise UserError(
+            f"{path}: model bundle format {version!r} (written by kmnist_sweep {made_by}); "
+            f"this kmnist_sweep reads format {FORMAT_VERSION} only: use the version that "
+            "wrote it, or run final again"
+        )
+
+
+def load_model(bundle: Bundle, path: Path, device: torch.device) -> nn.Module:
+    """The bundle's network with its weights, in eval mode on `device`. A class map, config
+    and weights that do not fit each other (the model of one dataset, the characters of
+    another) is a UserError naming both."""
+    outputs = bundle.state.get("fc.weight")
+    n_out = None if outputs is None else int(outputs.shape[0])
+    if n_out != len(bundle.classes):
+        raise UserError(
+            f"{path}: the class map has {len(bundle.classes)} characters "
+            f"({bundle.data.get('name')}) but the weights have {n_out} outputs: the bundle "
+            "mixes two datasets' models; run final again"
+        )
+    model_cfg = OmegaConf.create(bundle.config.get("model", {}))
+    if "pretrained" in model_cfg:
+        model_cfg.pretrained = False  # the bundle's weights replace them: fetch nothing
+    try:
+        model = build_model(model_cfg, len(bundle.classes))
+        model.load_state_dict(bundle.state)
+    except Exception as exc:  # missing config keys, shapes that do not fit
+        raise UserError(
+            f"{path}: the weights do not fit the model the bundle names "
+            f"({model_cfg.get('arch')}, {model_cfg.get('stem')} stem): {error_line(exc)}"
+        ) from None
+    return model.to(device).eval()

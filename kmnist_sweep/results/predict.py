@@ -1,0 +1,113 @@
+"""A bundle's model on new images, and on a split: the top-k characters and their probability.
+
+    preds = predict_files(bundle, model, files, top_k=3, device=device)
+    write_csv(Path("preds.csv"), preds)
+    metrics = evaluate(model, bundle, dataset.test, device)   # {"test/acc": ..., ...}
+
+Images are read and checked first (any bad file stops it before the model runs), then
+classified in batches on the model's device. `final` measures its test metrics with
+`evaluate`, the same code `predict` runs, so a printed accuracy is the saved model's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kmnist_sweep.data.contract import Split
+from kmnist_sweep.data.images import read_image
+from kmnist_sweep.files import write_atomic
+from kmnist_sweep.results.bundle import Bundle
+from kmnist_sweep.train.engine import to_input
+
+BATCH = 256  # images per forward pass: small next to any GPU, quick on a CPU
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    inverted: bool  # the image was dark ink on light paper and was inverted
+    top: list[tuple[int, str, float]]  # (class index, character, probability), best first
+
+
+def probabilities(
+    model: nn.Module, bundle: Bundle, images: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Softmax over the classes, (N, C) on the CPU, of uint8 (N, H, W) images, in batches."""
+    out = []
+    with torch.inference_mode():
+        for chunk in torch.split(images, BATCH):
+            x = to_input(chunk.to(device), bundle.mean, bundle.std)
+            out.append(torch.softmax(model(x).float(), dim=-1).cpu())
+    if not out:
+        return torch.zeros((0, len(bundle.classes)))
+    return torch.cat(out)
+
+
+def evaluate(
+    model: nn.Module, bundle: Bundle, split: Split, device: torch.device
+) -> dict[str, float]:
+    """Accuracy and balanced accuracy (mean per-class recall) of the model on `split`."""
+    preds = probabilities(model, bundle, split.images, device).argmax(dim=-1)
+    labels = split.labels
+    n = len(bundle.classes)
+    total = torch.bincount(labels, minlength=n)
+    hits = torch.bincount(labels[preds == labels], minlength=n)
+    seen = total > 0
+    recall = hits[seen].float() / total[seen].float()
+    return {
+        "test/acc": float((preds == labels).float().mean()) if len(labels) else 0.0,
+        "test/bacc": float(recall.mean()) if seen.any() else 0.0,
+        "test/images": float(len(labels)),
+    }
+
+
+def predict_files(
+    bundle: Bundle,
+    model: nn.Module,
+    files: Sequence[Path],
+    top_k: int,
+    device: torch.device,
+) -> list[Prediction]:
+    """The top `top_k` characters of each image file, read as the training data looks."""
+    pixels, inverted = [], []
+    for path in tqdm(files, desc="reading images", unit="img", disable=None, leave=False):
+        image, flipped = read_image(path, bundle.image_size)
+        pixels.append(torch.from_numpy(image.copy()))  # Pillow arrays are read-only
+        inverted.append(flipped)
+    images = torch.stack(pixels) if pixels else torch.zeros((0, bundle.image_size) * 2)
+    probs = probabilities(model, bundle, images.to(torch.uint8), device)
+    values, indices = probs.topk(top_k, dim=-1)
+    return [
+        Prediction(
+            path,
+            flipped,
+            [(int(i), bundle.classes[int(i)], float(p)) for p, i in zip(vs, ix, strict=True)],
+        )
+        for path, flipped, vs, ix in zip(files, inverted, values, indices, strict=True)
+    ]
+
+
+def format_line(pred: Prediction) -> str:
+    """`path  お 0.981  き 0.012  す 0.003` (and `[inverted]` for dark-on-light images)."""
+    shown = "  ".join(f"{char} {p:.3f}" for _, char, p in pred.top)
+    return f"{pred.path}  {shown}" + ("  [inverted]" if pred.inverted else "")
+
+
+def write_csv(path: Path, preds: Sequence[Prediction]) -> None:
+    """One row per image and rank: image, rank (1 = best), class index, character,
+    probability (0-1), inverted."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", "rank", "class", "character", "probability", "inverted"])
+    for pred in preds:
+        for rank, (index, char, p) in enumerate(pred.top, start=1):
+            writer.writerow([str(pred.path), rank, index, char, f"{p:.6f}", int(pred.inverted)])
+    write_atomic(path, buf.getvalue())
