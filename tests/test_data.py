@@ -245,6 +245,39 @@ def test_stratified_split_rule() -> None:
     assert splits.stratified_split(labels, 0.0, seed=3)[1].size == 0
 
 
+@pytest.mark.parametrize("n", [0, 1, 7, 3 * splits.COMPACT_ROWS + 5])
+def test_split_in_place_matches_fancy_indexing_without_a_second_copy(n: int) -> None:
+    images = synth.labelled_images(0, n, 4)
+    labels = np.arange(n) % 3
+    expected = images.copy()
+    first, second, third = np.array_split(np.random.default_rng(n).permutation(n), 3)
+    parts = [np.sort(first), np.sort(second), np.sort(third)]
+    result = splits.split_in_place(images, labels, parts)
+    for split, index in zip(result, parts, strict=True):
+        assert split.images.dtype == torch.uint8
+        assert np.array_equal(split.images.numpy(), expected[index])
+        assert np.array_equal(split.labels.numpy(), labels[index])
+    # The first part lives in the handed-over array's memory; the others are copies.
+    assert np.shares_memory(result[0].images.numpy(), images) or n == 0
+    assert not any(np.shares_memory(s.images.numpy(), images) for s in result[1:])
+
+
+def test_split_in_place_copies_a_read_only_array_once() -> None:
+    images = synth.labelled_images(0, 10, 4)
+    images.flags.writeable = False
+    before = images.copy()
+    train, valid = splits.split_in_place(images, np.zeros(10), [np.arange(2, 10), np.arange(2)])
+    assert np.array_equal(images, before)  # left alone
+    assert synth.image_ids(train.images) == list(range(2, 10))
+    assert synth.image_ids(valid.images) == [0, 1]
+
+
+def test_split_in_place_refuses_an_unsorted_first_part() -> None:
+    images = synth.labelled_images(0, 4, 4)
+    with pytest.raises(ValueError, match="ascending"):
+        splits.split_in_place(images, np.zeros(4), [np.array([2, 1]), np.array([0, 3])])
+
+
 KANJI = {0x4E00: 1, 0x4E8C: 2, 0x4E09: 3, 0x5B57: 12, 0x6F22: 30}  # code point -> images
 
 

@@ -35,7 +35,7 @@ from kmnist_sweep.data.formats import (
     read_npz,
     write_split_counts,
 )
-from kmnist_sweep.data.splits import carve_valid, stratified_split, to_split
+from kmnist_sweep.data.splits import carve_valid, split_in_place, stratified_split, to_split
 from kmnist_sweep.errors import DataError, error_line
 
 __all__ = ["Dataset", "Split", "load_dataset"]
@@ -206,7 +206,10 @@ def _load_kkanji(cfg: DictConfig) -> Dataset:
         f"valid {valid_fraction:g} of each class, split_seed {split_seed}); "
         "classes with one image are train-only"
     )
-    train, valid, test = (to_split(images, labels, parts[p]) for p in ("train", "valid", "test"))
+    # Train stays in the decoded array's memory; valid and test are copied out of it.
+    train, valid, test = split_in_place(
+        images, labels, [parts[p] for p in ("train", "valid", "test")]
+    )
     return Dataset("kkanji", classes, train, valid, test, str(cfg.metric), note, (tar_path,))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -35,9 +37,43 @@ def stratified_split(
 def carve_valid(
     images: np.ndarray, labels: np.ndarray, fraction: float, seed: int
 ) -> tuple[Split, Split]:
-    """(train, valid): valid is a seeded, stratified `fraction` of each class."""
+    """(train, valid): valid is a seeded, stratified `fraction` of each class. Reuses the
+    memory of `images` for train (see `split_in_place`): the caller hands `images` over."""
     kept, taken = stratified_split(labels, fraction, seed)
-    return to_split(images, labels, kept), to_split(images, labels, taken)
+    train, valid = split_in_place(images, labels, [kept, taken])
+    return train, valid
+
+
+COMPACT_ROWS = 4096  # images moved per step of the in-place compaction
+
+
+def split_in_place(
+    images: np.ndarray, labels: np.ndarray, parts: Sequence[np.ndarray]
+) -> list[Split]:
+    """One Split per index array of `parts` (disjoint, each sorted ascending) with no second
+    copy of the whole image array: the other parts are copied out first, then the first
+    part's images are moved to the front of `images`, in place, and kept as a view of it.
+
+    So a split costs the size of its other parts, not of all the images (K49's train file is
+    182 MB; fancy-indexing train and valid out of it held 364 MB at once). `images` is
+    overwritten: the caller must hand it over and not use it again. A read-only or
+    non-contiguous array is copied once first.
+    """
+    if not (images.flags.writeable and images.flags.c_contiguous and images.dtype == np.uint8):
+        images = np.array(images, dtype=np.uint8, order="C")
+    first, *others = (np.asarray(p, dtype=np.int64) for p in parts)
+    rest = [to_split(images, labels, index) for index in others]
+    if first.size and np.any(np.diff(first) <= 0):
+        raise ValueError("split_in_place: the first part's indices must be strictly ascending")
+    # Ascending indices satisfy first[j] >= j, so row j is written only after every row it
+    # could be read from at a later step has been read: chunks move safely front to back.
+    for start in range(0, first.size, COMPACT_ROWS):
+        chunk = first[start : start + COMPACT_ROWS]
+        if chunk[0] != start or chunk[-1] != start + chunk.size - 1:  # rows already in place
+            images[start : start + chunk.size] = images[chunk]
+    kept = images[: first.size]  # a view: the tail's memory stays allocated, unused
+    head = Split(torch.from_numpy(kept), torch.from_numpy(labels[first].astype(np.int64)))
+    return [head, *rest]
 
 
 def to_split(images: np.ndarray, labels: np.ndarray, index: np.ndarray | None = None) -> Split:
