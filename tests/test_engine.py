@@ -13,6 +13,7 @@ from kmnist_sweep.config.check import check_config
 from kmnist_sweep.data.datasets import Dataset, Split, load_dataset
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.train import engine
+from kmnist_sweep.train import loader as train_loader
 
 FAST = ("data=synthetic", "trainer.batch_size=64", "trainer.eval_batch_size=256")
 
@@ -23,9 +24,9 @@ def synthetic(compose_cfg: Callable[..., DictConfig]) -> tuple[DictConfig, Datas
     return cfg, load_dataset(cfg.data)
 
 
-def _loader(n: int, bs: int, shuffle: bool, seed: int = 0) -> engine.DeviceLoader:
+def _loader(n: int, bs: int, shuffle: bool, seed: int = 0) -> train_loader.DeviceLoader:
     split = Split(torch.zeros(n, 8, 8, dtype=torch.uint8), torch.arange(n))
-    return engine.DeviceLoader(
+    return train_loader.DeviceLoader(
         split, bs, torch.device("cpu"), shuffle=shuffle, seed=seed, mean=0.5, std=0.25
     )
 
@@ -58,7 +59,7 @@ def test_loader_order_is_seeded() -> None:
 
 def test_loader_normalises() -> None:
     split = Split(torch.full((4, 2, 2), 255, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
-    loader = engine.DeviceLoader(
+    loader = train_loader.DeviceLoader(
         split, 4, torch.device("cpu"), shuffle=False, seed=0, mean=0.5, std=0.25
     )
     x, _ = next(iter(loader))
@@ -77,7 +78,7 @@ def _shifts(img: torch.Tensor, t: int) -> list[torch.Tensor]:
 def test_augmentation_only_shifts_never_flips() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(64, 1, 12, 12, generator=gen)  # random images are asymmetric
-    out = engine.augment_batch(x, engine.Augment(translate=2), gen)
+    out = train_loader.augment_batch(x, train_loader.Augment(translate=2), gen)
     assert out.shape == x.shape
     moved = 0
     for src, dst in zip(x, out, strict=True):
@@ -91,7 +92,7 @@ def test_augmentation_only_shifts_never_flips() -> None:
 def test_cutout_zeroes_a_square() -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.ones(16, 1, 20, 20)
-    out = engine.augment_batch(x, engine.Augment(cutout=6), gen)
+    out = train_loader.augment_batch(x, train_loader.Augment(cutout=6), gen)
     zeros = (out == 0).sum(dim=(1, 2, 3))
     assert (zeros > 0).all() and (zeros <= 36).all()
 

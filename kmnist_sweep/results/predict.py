@@ -25,7 +25,7 @@ from kmnist_sweep.data.contract import Split
 from kmnist_sweep.data.images import read_image
 from kmnist_sweep.files import write_atomic
 from kmnist_sweep.results.bundle import Bundle
-from kmnist_sweep.train.engine import to_input
+from kmnist_sweep.train.loader import to_input
 
 BATCH = 256  # images per forward pass: small next to any GPU, quick on a CPU
 

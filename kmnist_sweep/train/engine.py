@@ -1,19 +1,15 @@
-"""Training: the whole split on the device, batches cut from a device-side permutation.
+"""Training one model: a fastai Learner over device-resident data (train/loader.py),
+one-cycle fit, bf16 autocast where the hardware has it, evaluation, and what the run cost.
 
-The datasets are small (KMNIST is 47 MB as uint8), so a DataLoader with workers only
-adds copies. A `DeviceLoader` keeps the uint8 images on the training device, draws a
-seeded permutation per epoch, and normalises and augments a whole batch at once. It
-quacks like a fastai DataLoader, so fastai's Learner, Recorder, `fit_one_cycle` and
-`lr_find` run on it unchanged.
+    result = train(cfg, dataset, on_epoch=hook)     # TrainResult: metrics, speed, memory
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -21,7 +17,6 @@ from typing import Any
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner)
-from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import Metric, accuracy
 from fastai.optimizer import OptimWrapper
@@ -29,8 +24,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kmnist_sweep.config.device import pick_device, use_bf16
-from kmnist_sweep.data.contract import Dataset, Split
+from kmnist_sweep.data.contract import Dataset
 from kmnist_sweep.train import memory
+from kmnist_sweep.train.loader import make_loaders, use_channels_last
 from kmnist_sweep.train.model import build_model
 
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -75,144 +71,6 @@ def close_autocast(learn: Learner) -> None:
     for cb in learn.cbs:
         if isinstance(cb, Autocast):
             cb.close()
-
-
-def use_channels_last(setting: Any, device: torch.device) -> bool:
-    # `auto` is on everywhere: measured on this project's 2-core EPYC, resnet18 at 28x28
-    # trains 1.28x faster channels-last (oneDNN's preferred layout), and CUDA's tensor
-    # cores want it too. Set false to compare.
-    return True if setting == "auto" else bool(setting)
-
-
-# ---------------------------------------------------------------- the loader
-
-
-@dataclass(frozen=True)
-class Augment:
-    translate: int = 0  # pixels: largest random shift per axis
-    cutout: int = 0  # pixels: side of a zeroed square (0 = off)
-
-
-def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
-    """Random shifts (zero fill) and cutout on a (B, 1, H, W) batch; never flips, which
-    would mirror characters into other or non-existent ones."""
-    b, _, h, w = x.shape
-    dev = x.device
-    if aug.translate > 0:
-        t = aug.translate
-        padded = nn.functional.pad(x, (t, t, t, t))
-        dy = torch.randint(0, 2 * t + 1, (b, 1), generator=gen, device=dev)
-        dx = torch.randint(0, 2 * t + 1, (b, 1), generator=gen, device=dev)
-        rows = (torch.arange(h, device=dev) + dy)[:, :, None]
-        cols = (torch.arange(w, device=dev) + dx)[:, None, :]
-        batch = torch.arange(b, device=dev)[:, None, None]
-        x = padded[:, 0][batch, rows, cols].unsqueeze(1)
-    if aug.cutout > 0:
-        cy = torch.randint(0, h, (b, 1, 1, 1), generator=gen, device=dev)
-        cx = torch.randint(0, w, (b, 1, 1, 1), generator=gen, device=dev)
-        ys = torch.arange(h, device=dev)[None, None, :, None]
-        xs = torch.arange(w, device=dev)[None, None, None, :]
-        dy, dx = ys - cy + aug.cutout // 2, xs - cx + aug.cutout // 2
-        hole = (dy >= 0) & (dy < aug.cutout) & (dx >= 0) & (dx < aug.cutout)
-        x = x.masked_fill(hole, 0.0)
-    return x
-
-
-def to_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 (B, H, W) -> the float (B, 1, H, W) a model takes, standardised by the training
-    split's pixel mean and std (fractions of 255). Training and predict share it."""
-    return images.unsqueeze(1).float().sub_(mean * 255).div_(std * 255)
-
-
-class DeviceLoader:
-    """Batches of (normalised float images, labels) from uint8 tensors held on `device`."""
-
-    def __init__(
-        self,
-        split: Split,
-        batch_size: int,
-        device: torch.device,
-        *,
-        shuffle: bool,
-        seed: int,
-        mean: float,
-        std: float,
-        augment: Augment | None = None,
-        channels_last: bool = False,
-    ) -> None:
-        self.images = split.images.to(device)
-        self.labels = split.labels.to(device)
-        self.bs = batch_size
-        self.device = device
-        self.shuffle = shuffle
-        self.mean, self.std = mean, std
-        self.augment = augment
-        self.channels_last = channels_last
-        self.seed = seed
-        self.epoch = 0  # advances each pass so every epoch has its own permutation
-        self.gen = torch.Generator(device=device)
-
-    @property
-    def n(self) -> int:
-        return len(self.labels)
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.bs)
-
-    def order(self) -> torch.Tensor:
-        """This epoch's sample order: a permutation seeded by (seed, epoch), or 0..n-1."""
-        if not self.shuffle:
-            return torch.arange(self.n, device=self.device)
-        self.gen.manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=self.gen, device=self.device)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self.order()
-        self.epoch += 1
-        # Near-equal batches of at most `bs`: every image once per epoch, and no ragged
-        # one-image batch for BatchNorm to choke on.
-        for sel in torch.tensor_split(idx, len(self)):
-            yield self.batch(sel)
-
-    def batch(self, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_input(self.images[sel], self.mean, self.std)
-        if self.augment is not None:
-            x = augment_batch(x, self.augment, self.gen)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, self.labels[sel]
-
-    # What fastai's Learner asks of a DataLoader beyond iteration.
-    def to(self, device: torch.device) -> DeviceLoader:
-        return self if torch.device(device) == self.device else self.new(device=device)
-
-    def new(self, **kwargs: Any) -> DeviceLoader:
-        """A copy over the same tensors (fastai calls this for predictions)."""
-        copy = DeviceLoader.__new__(DeviceLoader)
-        copy.__dict__.update(self.__dict__)
-        copy.gen = torch.Generator(device=self.device)
-        if "shuffle" in kwargs:
-            copy.shuffle = bool(kwargs["shuffle"])
-        return copy
-
-    def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return next(iter(self.new(shuffle=False)))
-
-
-def make_loaders(
-    dataset: Dataset, cfg: DictConfig, batch_size: int, device: torch.device, seed: int
-) -> DataLoaders:
-    """fastai DataLoaders (train, valid, test) over device-resident tensors."""
-    train_f = dataset.train.images.float() / 255
-    mean, std = float(train_f.mean()), float(train_f.std())  # of the training split only
-    channels_last = use_channels_last(cfg.channels_last, device)
-    common: dict[str, Any] = dict(device=device, seed=seed, mean=mean, std=std)
-    common["channels_last"] = channels_last
-    aug = Augment(translate=int(cfg.translate), cutout=int(cfg.cutout))
-    train = DeviceLoader(dataset.train, batch_size, shuffle=True, augment=aug, **common)
-    valid = DeviceLoader(dataset.valid, int(cfg.eval_batch_size), shuffle=False, **common)
-    test = DeviceLoader(dataset.test, int(cfg.eval_batch_size), shuffle=False, **common)
-    return DataLoaders(train, valid, test, device=device)
 
 
 # ---------------------------------------------------------------- metrics
