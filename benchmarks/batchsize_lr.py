@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     # name -> overrides on top of +sweep=batchsize
-    "fixed-3e-3": ["~search_space.trainer.lr", "trainer.lr=3e-3"],
+    "fixed-3e-3": ["++search_space.trainer.lr=null", "trainer.lr=3e-3"],
     "valley-sqrt": ["lr_finder.suggestion=valley", "lr_finder.scale=sqrt"],
     "minimum-sqrt": ["lr_finder.suggestion=minimum", "lr_finder.scale=sqrt"],
     "minimum-linear": ["lr_finder.suggestion=minimum", "lr_finder.scale=linear"],

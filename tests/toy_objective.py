@@ -48,6 +48,9 @@ def suggest(
     values: dict[str, Any] = {}
     positions = []
     for p in params:
+        if p.type == "lr_finder" and not p.searched:
+            values[p.name] = base_lr  # the toy's "finder" suggests the configured LR
+            continue
         if p.type == "float" or p.type == "lr_finder":
             low, high = (p.low, p.high) if p.type == "float" else (p.low_factor, p.high_factor)
             log = p.log or p.type == "lr_finder"

@@ -195,15 +195,19 @@ def _flatten(space: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """(dotted key, spec) pairs in file order.
 
     Keys may be dotted (`trainer.lr: {...}`) or nested (`trainer: {lr: {...}}`); parts of one
-    key merge, so `++search_space.trainer.lr.high=0.01` on the command line narrows a range.
+    key merge, so `++search_space.trainer.lr.high=0.01` on the command line narrows a range,
+    and `++search_space.trainer.lr=null` takes a key out of a sweep's space.
     """
     merged: dict[str, Any] = {}
+    removed: set[str] = set()
     for name, spec in _walk(space, prefix=""):
-        if isinstance(merged.get(name), Mapping) and isinstance(spec, Mapping):
+        if spec is None:
+            removed.add(name)
+        elif isinstance(merged.get(name), Mapping) and isinstance(spec, Mapping):
             merged[name] = {**merged[name], **spec}
         else:
             merged[name] = spec
-    return list(merged.items())
+    return [(name, spec) for name, spec in merged.items() if name not in removed]
 
 
 def _walk(space: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
@@ -211,7 +215,7 @@ def _walk(space: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
     for key, spec in space.items():
         name = f"{prefix}{key}"
         nested = isinstance(spec, Mapping) and spec and "type" not in spec
-        if nested and all(isinstance(v, Mapping) for v in spec.values()):
+        if nested and all(isinstance(v, Mapping) or v is None for v in spec.values()):
             out.extend(_walk(spec, prefix=f"{name}."))
         else:
             out.append((name, spec))
