@@ -26,14 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 import kmnist_sweep  # noqa: F401  (torchvision compat before fastai loads)
 from kmnist_sweep.config.check import check_config
 from kmnist_sweep.config.compose import CONF_DIR, preflight
-from kmnist_sweep.config.device import pick_device
 from kmnist_sweep.data.datasets import load_dataset
-from kmnist_sweep.data.images import image_files
 from kmnist_sweep.errors import Interrupted, SweepStopped, UserError
-from kmnist_sweep.files import check_writable_dir
 from kmnist_sweep.masking import mask_url, scrub, scrub_text
 from kmnist_sweep.results import predict
-from kmnist_sweep.results.bundle import load_model, read_bundle
 from kmnist_sweep.results.report import report_sweep
 from kmnist_sweep.sweep.final import run_final
 from kmnist_sweep.sweep.runner import run_sweep
@@ -198,7 +194,7 @@ def final_cli(args: list[str]) -> None:
         "--out", type=Path, help="bundle file (default: <study_dir>/model-trialN.zip)"
     )
     parser.add_argument("--storage", help="the study's storage URL, if not config.yaml's")
-    ns = parser.parse_args(args)
+    ns = parser.parse_intermixed_args(args)  # overrides may follow --trial N
     result = guarded(lambda: run_final(ns.study_dir, ns.trial, ns.out, ns.overrides, ns.storage))
     key = f"test/{result.metric}"
     line = (
@@ -220,25 +216,10 @@ def predict_cli(args: list[str]) -> None:
     parser.add_argument("images", type=Path, nargs="+", help="image files or folders of them")
     parser.add_argument("--top-k", type=int, default=3, help="characters per image (default 3)")
     parser.add_argument("--csv", type=Path, help="also write image,rank,class,character,... here")
-    ns = parser.parse_args(args)
+    ns = parser.parse_intermixed_args(args)  # images may follow --top-k K
 
-    def run() -> list[predict.Prediction]:
-        bundle = read_bundle(ns.bundle)
-        if not 1 <= ns.top_k <= len(bundle.classes):
-            raise UserError(f"--top-k {ns.top_k} is not in 1-{len(bundle.classes)} (classes)")
-        if ns.csv is not None:
-            if ns.csv.is_dir():
-                raise UserError(f"--csv {ns.csv} is a folder: name a file")
-            check_writable_dir(ns.csv.parent, f"--csv {ns.csv} cannot be written")
-        files = image_files(ns.images)
-        device = pick_device("auto")  # CUDA when there is one
-        model = load_model(bundle, ns.bundle, device)
-        preds = predict.predict_files(bundle, model, files, ns.top_k, device)
-        if ns.csv is not None:
-            predict.write_csv(ns.csv, preds)
-        return preds
-
-    for pred in guarded(run):
+    preds = guarded(lambda: predict.run_predict(ns.bundle, ns.images, ns.top_k, ns.csv))
+    for pred in preds:
         print(predict.format_line(pred))
     sys.stdout.flush()
 

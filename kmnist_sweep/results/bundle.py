@@ -39,6 +39,17 @@ FORMAT_VERSION = 1  # bump when a field changes meaning; read_bundle refuses any
 BUNDLE_JSON = "bundle.json"
 WEIGHTS = "weights.pt"
 PACKAGES = ("torch", "torchvision", "fastai", "optuna", "kmnist_sweep")
+# What read_bundle insists on before anything uses a field.
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "classes": list,
+    "image_size": int,
+    "mean": (int, float),
+    "std": (int, float),
+    "config": dict,
+    "data": dict,
+    "source": dict,
+    "metrics": dict,
+}
 GIT_TIMEOUT_S = 10  # seconds: a git that hangs (network file system) costs no more
 
 
@@ -179,10 +190,11 @@ def read_bundle(path: Path) -> Bundle:
     except Exception as exc:  # pickle, zip and torch errors alike mean "not our weights"
         raise UserError(f"{path}: damaged model bundle ({WEIGHTS}: {error_line(exc)})") from None
     fields = {k: meta[k] for k in Bundle.__dataclass_fields__ if k in meta and k != "state"}
-    try:
-        return Bundle(**fields, state=state)
-    except TypeError as exc:  # a required field missing
-        raise UserError(f"{path}: damaged model bundle ({exc})") from None
+    wrong = [k for k, kind in FIELD_TYPES.items() if not isinstance(fields.get(k), kind)]
+    if wrong or not isinstance(state, dict):
+        what = f"{', '.join(wrong)} missing or of the wrong type" if wrong else WEIGHTS
+        raise UserError(f"{path}: damaged model bundle ({BUNDLE_JSON}: {what})")
+    return Bundle(**fields, state=state)
 
 
 def _check_format(path: Path, meta: Any) -> None:
@@ -190,9 +202,11 @@ def _check_format(path: Path, meta: Any) -> None:
         raise UserError(f"{path}: not a kmnist_sweep model bundle ({BUNDLE_JSON} has no format)")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        made_by = (meta.get("versions") or {}).get("kmnist_sweep", "another version")
+        versions = meta.get("versions")
+        made_by = versions.get("kmnist_sweep") if isinstance(versions, dict) else None
         raise UserError(
-            f"{path}: model bundle format {version!r} (written by kmnist_sweep {made_by}); "
+            f"{path}: model bundle format {version!r} (written by kmnist_sweep "
+            f"{made_by or 'of another version'}); "
             f"this kmnist_sweep reads format {FORMAT_VERSION} only: use the version that "
             "wrote it, or run final again"
         )

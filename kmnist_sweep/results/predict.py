@@ -1,6 +1,7 @@
 """A bundle's model on new images, and on a split: the top-k characters and their probability.
 
-    preds = predict_files(bundle, model, files, top_k=3, device=device)
+    preds = run_predict(Path("model.zip"), [Path("scans/")], top_k=3, csv_path=None)
+    preds = predict_files(bundle, model, files, top_k=3, device=device)   # the parts
     write_csv(Path("preds.csv"), preds)
     metrics = evaluate(model, bundle, dataset.test, device)   # {"test/acc": ..., ...}
 
@@ -21,10 +22,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from kmnist_sweep.config.device import pick_device
 from kmnist_sweep.data.contract import Split
-from kmnist_sweep.data.images import read_image
-from kmnist_sweep.files import write_atomic
-from kmnist_sweep.results.bundle import Bundle
+from kmnist_sweep.data.images import image_files, read_image
+from kmnist_sweep.errors import UserError
+from kmnist_sweep.files import check_writable_dir, write_atomic
+from kmnist_sweep.results.bundle import Bundle, load_model, read_bundle
 from kmnist_sweep.train.loader import to_input
 
 BATCH = 256  # images per forward pass: small next to any GPU, quick on a CPU
@@ -35,6 +38,26 @@ class Prediction:
     path: Path
     inverted: bool  # the image was dark ink on light paper and was inverted
     top: list[tuple[int, str, float]]  # (class index, character, probability), best first
+
+
+def run_predict(
+    bundle_path: Path, targets: Sequence[Path], top_k: int, csv_path: Path | None
+) -> list[Prediction]:
+    """`predict`: the bundle, then every input checked (top-k, CSV path, image files), then
+    the model on the images, on CUDA when there is a GPU; the CSV written last."""
+    bundle = read_bundle(bundle_path)
+    if not 1 <= top_k <= len(bundle.classes):
+        raise UserError(f"--top-k {top_k} is not in 1-{len(bundle.classes)} (classes)")
+    if csv_path is not None:
+        if csv_path.is_dir():
+            raise UserError(f"--csv {csv_path} is a folder: name a file")
+        check_writable_dir(csv_path.parent, f"--csv {csv_path} cannot be written")
+    files = image_files(targets)
+    device = pick_device("auto")
+    preds = predict_files(bundle, load_model(bundle, bundle_path, device), files, top_k, device)
+    if csv_path is not None:
+        write_csv(csv_path, preds)
+    return preds
 
 
 def probabilities(
