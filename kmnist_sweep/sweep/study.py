@@ -105,7 +105,8 @@ def build_pruner(
     if kind == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=int(pruner_cfg.get("n_startup_trials", 5)),
-            n_warmup_steps=0 if by_fraction else int(pruner_cfg.get("n_warmup_steps", 0)),
+            # By fraction the objective also holds each trial back for its own first epochs.
+            n_warmup_steps=int(pruner_cfg.get("n_warmup_steps", 0)),
         )
     min_resource = int(pruner_cfg.get("min_resource", 1))
     reduction = int(pruner_cfg.get("reduction_factor", 3))
