@@ -56,8 +56,10 @@ def _some_value(p: Param) -> Any:
 
 def test_batchsize_sweep_searches_powers_of_two(compose_cfg: Any) -> None:
     cfg = compose_cfg("+sweep=batchsize")
-    (param,) = parse_space(cfg.search_space, cfg)
+    param, lr = parse_space(cfg.search_space, cfg)
     assert param == Param("trainer.batch_size", "pow2", low=32, high=2048)
+    # Each size trains at the LR finder's LR for it: seeded, not searched.
+    assert lr.name == "trainer.lr" and lr.type == "lr_finder" and not lr.searched
     assert pow2_exponents(param) == (5, 11)
     assert optuna_name(param) == "trainer.batch_size.log2"  # the sampler sees the exponent
 
@@ -86,8 +88,11 @@ def test_default_config_has_an_empty_space_and_a_default_study(compose_cfg: Any)
 
 def test_a_range_can_be_narrowed_from_the_command_line(compose_cfg: Any) -> None:
     cfg = compose_cfg("+sweep=batchsize", "++search_space.trainer.batch_size.high=512")
-    (param,) = parse_space(cfg.search_space, cfg)
+    param, _ = parse_space(cfg.search_space, cfg)
     assert (param.type, param.low, param.high) == ("pow2", 32, 512)
+    # ... and a key taken out of the sweep with null.
+    cfg = compose_cfg("+sweep=batchsize", "++search_space.trainer.lr=null")
+    assert [p.name for p in parse_space(cfg.search_space, cfg)] == ["trainer.batch_size"]
 
 
 BAD_SPACES = {
