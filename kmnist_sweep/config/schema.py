@@ -236,6 +236,7 @@ SCHEMA: dict[str, Key] = {
     "study.storage_patience": _float("seconds", 0),
     "study.poll_interval": _float("seconds", 0, low_open=True),
     "study.output_dir": _text("folder of the study's outputs"),
+    "study.report": _bool("write the HTML report after the sweep"),
     # tracking:
     "tracking.mode": _choice("wandb mode", "online", "offline", "disabled"),
     "tracking.project": _text("wandb project"),
