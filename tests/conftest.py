@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +17,28 @@ import kmnist_sweep  # noqa: F401  (torchvision compat first)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_KMNIST = REPO.parent / "shared" / "data" / "kmnist"
+CLI_ENV = {
+    **os.environ,
+    "WANDB_MODE": "disabled",
+    "PYTHONUNBUFFERED": "1",
+    # The checkout under test, whatever the environment's editable install points at, and
+    # `tests.*` importable for the toy objectives.
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+}
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """`python -m kmnist_sweep ...` as a user runs it, in `cwd`; `env` adds to CLI_ENV."""
+    return subprocess.run(
+        [sys.executable, "-m", "kmnist_sweep", *args],
+        cwd=cwd,
+        env={**CLI_ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +35,7 @@ from kmnist_sweep.data.datasets import K49_CLASSES
 from kmnist_sweep.data.download import BYTES
 from kmnist_sweep.results.bundle import BUNDLE_JSON, make_bundle, write_bundle
 from kmnist_sweep.train.model import build_model
+from tests.conftest import run_cli
 from tests.synth_files import IDX_NAMES, balanced_labels, labelled_images, write_idx_gz
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,12 +50,6 @@ EXISTING_STUDY = (
     "study.sampler.type=random",
 )
 JOBS = max(1, int(os.environ.get("KMNIST_SWEEP_TEST_JOBS", "2")))
-ENV = {
-    **os.environ,
-    "WANDB_MODE": "disabled",
-    "PYTHONUNBUFFERED": "1",
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-}
 
 
 @dataclass(frozen=True)
@@ -97,14 +91,7 @@ def skip_reason(case: Case) -> str | None:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kmnist_sweep", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_cli(*args, cwd=cwd, timeout=600)
 
 
 # --------------------------------------------------------------------------- the folder

@@ -3,38 +3,21 @@
 from __future__ import annotations
 
 import csv
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import run_cli
 from tests.test_tracking import API_KEY, history, offline_runs, run_config
-
-ENV = {
-    **os.environ,
-    "WANDB_MODE": "disabled",
-    "PYTHONUNBUFFERED": "1",
-    # The checkout under test, whatever the environment's editable install points at.
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-}
 
 
 def cli(
     *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kmnist_sweep", *args],
-        cwd=cwd,
-        env={**ENV, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return run_cli(*args, cwd=cwd, env=env)
 
 
 def test_help_lists_the_config_groups(tmp_path: Path) -> None:
@@ -74,6 +57,10 @@ def test_batchsize_sweep_on_kmnist_sample_and_retrain_best(tmp_path: Path) -> No
     out_dir = tmp_path / "sweeps" / "batchsize-kmnist_sample"
     best = yaml.safe_load((out_dir / "best.yaml").read_text())
     assert (out_dir / "trials.csv").exists() and (out_dir / "config.yaml").exists()
+    # One range test, at the sweep's batch size (128), carried to each trial's size.
+    curves = sorted(p.name for p in (out_dir / "lr_finder").glob("*.csv"))
+    assert len(curves) == 1 and "-bs128-" in curves[0], curves
+    assert re.search(r"^LR finder \(minimum, batch 128\): ", sweep.stdout, re.M), sweep.stdout
     report = out_dir / "report"
     assert "confusion.png" in (report / "report.html").read_text()
     for png in report.glob("*.png"):

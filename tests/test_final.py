@@ -8,10 +8,7 @@ in tests/test_final_predict.py (slow).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -35,14 +32,8 @@ from kmnist_sweep.results.bundle import (
 from kmnist_sweep.results.outputs import trial_values
 from kmnist_sweep.sweep.final import read_study_config, study_trial
 from kmnist_sweep.train.model import build_model
-from tests.conftest import REPO
+from tests.conftest import run_cli as cli
 
-ENV = {
-    **os.environ,
-    "WANDB_MODE": "disabled",
-    "PYTHONUNBUFFERED": "1",
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-}
 TOY_STUDY = (
     "+sweep=lr",
     "data=synthetic",
@@ -51,17 +42,6 @@ TOY_STUDY = (
     "study.sampler.type=random",
     "study.pruner.type=none",
 )
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kmnist_sweep", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def test_final_trains_the_trial_named_by_number(

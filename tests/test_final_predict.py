@@ -9,10 +9,8 @@ Bad input to `final` and `predict` is in docs/bad-input.md (tests/test_bad_input
 from __future__ import annotations
 
 import csv
-import os
 import re
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -28,30 +26,16 @@ from kmnist_sweep.data.datasets import KMNIST_CLASSES, load_dataset
 from kmnist_sweep.data.download import MD5
 from kmnist_sweep.results.bundle import FORMAT_VERSION, PACKAGES, load_model, read_bundle
 from kmnist_sweep.results.predict import evaluate
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
 FINAL_EPOCHS = 6  # epochs of the final fit (accuracy measured: see the report of issue 14)
 PASSWORD = "hunter2-not-for-bundles"
-ENV = {
-    **os.environ,
-    "WANDB_MODE": "disabled",
-    "PYTHONUNBUFFERED": "1",
-    # The checkout under test, whatever the environment's editable install points at.
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-}
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kmnist_sweep", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    return run_cli(*args, cwd=cwd, timeout=1800)
 
 
 def shown(out: subprocess.CompletedProcess[str]) -> str:

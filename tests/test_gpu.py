@@ -14,7 +14,6 @@ import gc
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,8 @@ from kmnist_sweep.sweep.objective import make_objective
 from kmnist_sweep.sweep.runner import run_sweep
 from kmnist_sweep.train import batch_size, engine
 from tests import test_runner
-from tests.test_runner import REPO, load
+from tests.conftest import run_cli
+from tests.test_runner import load
 
 toy_cfg = test_runner.toy_cfg  # the fixture: a toy-objective config under tmp_path
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -200,21 +200,7 @@ def test_auto_precision_is_bf16_from_ampere_on() -> None:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """`python -m kmnist_sweep ...` as a user runs it; `tests.*` importable for the objective."""
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "kmnist_sweep", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli(*args, cwd=cwd, timeout=300)
 
 
 @pytest.mark.gpu

@@ -8,10 +8,7 @@ name) are rows of docs/bad-input.md, run by tests/test_bad_input.py.
 from __future__ import annotations
 
 import csv
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -23,6 +20,7 @@ from omegaconf import DictConfig, open_dict
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.sweep.runner import run_sweep
 from kmnist_sweep.sweep.storage import open_storage
+from tests.conftest import run_cli as cli
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = "tests.toy_objective:make_toy_objective"
@@ -39,23 +37,6 @@ SMALL_FULL = (
     "trainer.threads=1",
     "tracking=disabled",
 )
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "kmnist_sweep", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def test_a_multi_objective_full_sweep_shows_its_pareto_front(tmp_path: Path) -> None:

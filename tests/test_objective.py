@@ -98,7 +98,7 @@ def test_seeded_lr_runs_the_finder_once_and_searches_around_it(
     cached = [k for k in study.user_attrs if k.startswith(lr_finder.CACHE_PREFIX)]
     assert len(cached) == 1, "one range test for one batch size"
     curve = lr_finder.Curve.from_json(study.user_attrs[cached[0]])
-    base = curve.suggestions["valley"]
+    base = curve.suggestions[str(cfg.lr_finder.suggestion)]
     first = study.trials[0]
     assert first.params["trainer.lr.factor"] == 1.0
     assert first.user_attrs["lr/value"] == pytest.approx(base)

@@ -89,7 +89,10 @@ class TrainingObjective:
     (wandb writes a run's last records only then)."""
 
     def __init__(self, cfg: DictConfig, tracker: Tracker | None = None) -> None:
-        self.cfg = cfg
+        # The reference range test runs at the sweep's own batch size: pinned here, since
+        # `${trainer.batch_size}` would otherwise follow each trial's searched size and rerun
+        # the test at every size (at 2048, longer than the trial).
+        self.cfg = apply_params(cfg, {"lr_finder.batch_size": int(cfg.lr_finder.batch_size)})
         self.params = parse_space(cfg.search_space, cfg)
         self.seeded = [p.name for p in self.params if p.type == "lr_finder"]
         self.metric = str(cfg.study.metric)

@@ -45,16 +45,7 @@ from kmnist_sweep.sweep.protocol import (
     load_factory,
 )
 from kmnist_sweep.sweep.storage import STORAGE_ERRORS
-from kmnist_sweep.sweep.study import (
-    FINISHED,
-    build_pruner,
-    build_sampler,
-    create_or_load_study,
-    epochs_searched_up_to,
-    grid_exhausted,
-    heartbeat_enabled,
-    open_study_storage,
-)
+from kmnist_sweep.sweep.study import FINISHED, grid_exhausted, heartbeat_enabled, open_sweep_study
 from kmnist_sweep.sweep.worker import SLOT_LOCK, fault_limits, work
 
 log = logging.getLogger(__name__)
@@ -91,12 +82,14 @@ def run_sweep(
     from Hydra's runtime config when there is one).
     """
     plan = plan_sweep(cfg, objective_factory)
-    sampler = build_sampler(cfg.study.sampler, plan.params, 0, plan.objective.constraint)
-    pruner = build_pruner(cfg.study.pruner, epochs_searched_up_to(plan.params))
-    # Every check of the input is above this line: nothing was created or written so far.
-    storage = open_study_storage(cfg.study)
-    study = create_or_load_study(
-        cfg.study, storage, sampler, pruner, search_space=plan.resolved["search_space"]
+    # Every check of the input is done by here (the sampler's and pruner's settings first
+    # thing in open_sweep_study): nothing was created or written so far.
+    study = open_sweep_study(
+        cfg.study,
+        plan.params,
+        0,
+        plan.objective.constraint,
+        search_space=plan.resolved["search_space"],
     )
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(

@@ -206,6 +206,21 @@ def open_study_storage(study_cfg: DictConfig) -> BaseStorage:
     )
 
 
+def open_sweep_study(
+    study_cfg: DictConfig,
+    params: Sequence[Param],
+    worker: int,
+    constraint: Constraint | None,
+    search_space: dict[str, Any] | None = None,
+) -> optuna.Study:
+    """The study a sweep's worker `worker` runs: its sampler (seeded per worker) and pruner
+    are built first, so a bad sampler or pruner setting stops before the storage is opened."""
+    sampler = build_sampler(study_cfg.sampler, params, worker, constraint)
+    pruner = build_pruner(study_cfg.pruner, epochs_searched_up_to(params))
+    storage = open_study_storage(study_cfg)
+    return create_or_load_study(study_cfg, storage, sampler, pruner, search_space=search_space)
+
+
 def epochs_searched_up_to(params: Sequence[Param]) -> int | None:
     """The longest schedule a search space asks for, when it searches trainer.epochs."""
     for p in params:

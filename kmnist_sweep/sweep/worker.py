@@ -39,16 +39,7 @@ from kmnist_sweep.sweep.faults import (
 )
 from kmnist_sweep.sweep.protocol import as_sweep_objective, load_factory
 from kmnist_sweep.sweep.storage import STORAGE_ERRORS, quiet_optuna_warnings, storage_cause
-from kmnist_sweep.sweep.study import (
-    FINISHED,
-    build_pruner,
-    build_sampler,
-    create_or_load_study,
-    epochs_searched_up_to,
-    grid_exhausted,
-    heartbeat_enabled,
-    open_study_storage,
-)
+from kmnist_sweep.sweep.study import FINISHED, grid_exhausted, heartbeat_enabled, open_sweep_study
 
 log = logging.getLogger(__name__)
 
@@ -288,13 +279,7 @@ def worker_run(payload: dict[str, Any]) -> None:
     study_cfg = cfg.study
     params = parse_space(cfg.search_space, cfg)
     objective = as_sweep_objective(load_factory(str(payload["objective"]))(cfg))
-    storage = open_study_storage(study_cfg)
-    study = create_or_load_study(
-        study_cfg,
-        storage,
-        build_sampler(study_cfg.sampler, params, index, objective.constraint),
-        build_pruner(study_cfg.pruner, epochs_searched_up_to(params)),
-    )
+    study = open_sweep_study(study_cfg, params, index, objective.constraint)
     log.info("worker %d (pid %d) joins study %s", index, os.getpid(), study.study_name)
     try:
         work(
@@ -304,7 +289,7 @@ def worker_run(payload: dict[str, Any]) -> None:
             deadline=payload.get("deadline"),
             since=datetime.datetime.fromisoformat(payload["since"]),
             poll=float(study_cfg.get("poll_interval", 1.0)),
-            heartbeat=heartbeat_enabled(storage),
+            heartbeat=heartbeat_enabled(optuna_internals.storage_of(study)),
             lock_path=Path(str(study_cfg.output_dir)) / SLOT_LOCK,
             **fault_limits(study_cfg),
         )
