@@ -46,6 +46,10 @@ class Autocast(Callback):
 
     def before_batch(self) -> None:
         self.close()
+        if torch.is_autocast_enabled(self.device_type):
+            # Another Autocast (a user's callback) opened the region this batch: nesting a
+            # second one would be left first-in-first-out after the loss and restore "on".
+            return
         self.ctx = torch.autocast(self.device_type, dtype=torch.bfloat16)
         self.ctx.__enter__()
 
