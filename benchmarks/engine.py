@@ -49,15 +49,19 @@ def machine() -> str:
 # ------------------------------------------------------------------ part 1: step throughput
 
 
-def bare_epoch(learn: engine.Learner, lr: float) -> float:
-    """One epoch of a plain PyTorch loop over the learner's own loader; returns seconds."""
+def bare_epoch(learn: engine.Learner, lr: float, bf16: bool) -> float:
+    """One epoch of a plain PyTorch loop over the learner's own loader, in the same precision
+    as the tool's step (bf16 autocast around forward and loss, or fp32); returns seconds."""
     model, loader = learn.model, learn.dls.train
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     loss_fn = learn.loss_func
+    device_type = next(model.parameters()).device.type
     model.train()
     start = time.perf_counter()
     for x, y in loader:
-        loss = loss_fn(model(x), y)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            pred = model(x)
+        loss = loss_fn(pred.float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -76,27 +80,36 @@ def tool_epoch(learn: engine.Learner, lr: float) -> float:
     return time.perf_counter() - start
 
 
-def part1(repeats: int) -> None:
-    cfg = compose_cfg(
-        "data=synthetic", "data.n_train=6400", "data.n_test=64", "trainer.batch_size=128"
-    )
-    data = load_dataset(cfg.data)
-    tiny_valid = Split(data.valid.images[:128], data.valid.labels[:128])
-    data = Dataset(data.name, data.classes, data.train, tiny_valid, data.test, data.metric, "")
-    learn = engine.build_learner(cfg, data)
-    n = data.train.labels.numel()
-    bare_epoch(learn, 1e-3)  # warm-up: allocator, oneDNN kernels
-    bare, tool = [], []
-    for _ in range(repeats):  # interleaved so drifts in machine load hit both alike
-        bare.append(n / bare_epoch(learn, 1e-3))
-        tool.append(n / tool_epoch(learn, 1e-3))
-    b, t = statistics.median(bare), statistics.median(tool)
-    print("\n### 1. Training step throughput (resnet18, imagenet stem, bs 128, fp32, NHWC)\n")
-    print(f"| loop | images/s (median of {repeats} epochs of {n} images) |")
-    print("|---|---|")
-    print(f"| bare PyTorch | {b:.0f} |")
-    print(f"| kmnist_sweep (fastai Learner, device loader) | {t:.0f} |")
-    print(f"| ratio tool/bare | {t / b:.3f} |")
+def part1(repeats: int, precisions: list[str]) -> None:
+    """Per precision: the tool's learner (its own Autocast callback when bf16) against the
+    bare loop with the same autocast, same model, same device-resident batches."""
+    print("\n### 1. Training step throughput (resnet18, imagenet stem, bs 128, channels-last)\n")
+    print("| precision | bare PyTorch images/s | kmnist_sweep images/s | ratio tool/bare |")
+    print("|---|---|---|---|")
+    for precision in precisions:
+        cfg = compose_cfg(
+            "data=synthetic",
+            "data.n_train=6400",
+            "data.n_test=64",
+            "trainer.batch_size=128",
+            f"trainer.precision={precision}",
+        )
+        data = load_dataset(cfg.data)
+        tiny_valid = Split(data.valid.images[:128], data.valid.labels[:128])
+        data = Dataset(data.name, data.classes, data.train, tiny_valid, data.test, data.metric, "")
+        learn = engine.build_learner(cfg, data)
+        bf16 = any(isinstance(cb, engine.Autocast) for cb in learn.cbs)
+        if bf16 != (precision == "bf16"):
+            raise SystemExit(f"trainer.precision={precision} did not give bf16={bf16}")
+        n = data.train.labels.numel()
+        bare_epoch(learn, 1e-3, bf16)  # warm-up: allocator, oneDNN kernels
+        bare, tool = [], []
+        for _ in range(repeats):  # interleaved so drifts in machine load hit both alike
+            bare.append(n / bare_epoch(learn, 1e-3, bf16))
+            tool.append(n / tool_epoch(learn, 1e-3))
+        b, t = statistics.median(bare), statistics.median(tool)
+        print(f"| {precision} | {b:.0f} | {t:.0f} | {t / b:.3f} |", flush=True)
+    print(f"\nmedian of {repeats} interleaved epochs of {n} images each")
 
 
 # ------------------------------------------------------------------ part 2: seed recipe
@@ -204,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved epochs per loop")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], help="part 1")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the seed recipe")
     parser.add_argument("--tool", nargs="*", default=[], help="overrides for the tool recipe")
     parser.add_argument(
@@ -216,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"machine: {machine()}")
     steps: dict[int, Callable[[], None]] = {
-        1: lambda: part1(args.repeats),
+        1: lambda: part1(args.repeats, args.precision),
         2: lambda: part2(args.epochs, args.tool, args.seed_result),
         3: part3,
     }

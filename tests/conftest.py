@@ -52,9 +52,32 @@ def compose_cfg() -> Callable[..., DictConfig]:
     return _compose
 
 
+# The longest files, longest first (seconds in CI's `pytest -n 2 --dist loadfile`, one torch
+# thread each: the final model's fixture 314, the fault matrix ~400 in all, the batch-size
+# sweeps 140 and 120, the halving trials 75 and 67). They are sent to the two processes
+# first: one started last would run alone at the end while the other process idles.
+LONGEST_FIRST = (
+    "test_final_predict.py",
+    "reliability/test_faults.py",
+    "test_cli.py",
+    "test_trustworthy.py",
+    "test_objective.py",
+    "test_batch_size.py",
+)
+
+
+def _rank(item: pytest.Item) -> int:
+    path = item.path.as_posix()
+    return next(
+        (i for i, name in enumerate(LONGEST_FIRST) if path.endswith(name)), len(LONGEST_FIRST)
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` need CUDA: skipped where there is none (CI, the CPU machines);
+    """The longest files first (a stable sort: each file keeps its order). Tests marked
+    `gpu` need CUDA: skipped where there is none (CI, the CPU machines);
     `bash benchmarks/gpu_check.sh` runs them on a GPU and refuses to run without one."""
+    items.sort(key=_rank)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA: no CUDA device visible")

@@ -48,6 +48,7 @@ def test_batchsize_sweep_on_kmnist_sample_and_retrain_best(tmp_path: Path) -> No
         "study.n_trials=2",
         "trainer.epochs=1",
         "++search_space.trainer.batch_size.low=512",
+        "lr_finder.num_it=40",
         "tracking=offline",
         cwd=tmp_path,
         env={"WANDB_MODE": "offline", "WANDB_API_KEY": API_KEY},

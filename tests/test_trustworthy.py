@@ -184,6 +184,8 @@ def test_a_batchsize_sweep_stores_no_test_metric(tmp_path: Path) -> None:
         "data=kmnist_sample",
         "study.n_trials=2",
         "trainer.epochs=1",
+        "++search_space.trainer.batch_size.low=256",  # two of 256, 512, 1024, 2048
+        "lr_finder.num_it=40",
         "tracking=offline",
     ]
     done = run_cli(*args, cwd=tmp_path, env={"WANDB_MODE": "offline"})
