@@ -49,8 +49,14 @@ def has_native_bf16(device: torch.device) -> bool:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """`auto`: bf16 autocast where the hardware has it (measured 1.37x faster for resnet18 at
-    batch 128 on this project's EPYC), fp32 elsewhere; `bf16` there only."""
+    """`auto`: bf16 autocast on a CUDA GPU that has it, fp32 elsewhere; `bf16` where the
+    hardware has it (GPU or CPU), else an error.
+
+    Not `auto` on CPUs: on this project's Xeon (AVX512-BF16, AMX), bf16 autocast training
+    with torch 2.13 gave a NaN loss a few steps into some runs after earlier runs in the same
+    process (1 of 4 repeated batch-fallback runs; 0 of 6 in fp32). The guard then halves the
+    batch, so a sweep would record a smaller batch than the trial asked for. See
+    docs/benchmarks.md ("bf16 on CPU")."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"trainer.precision={precision!r} is not auto, bf16 or fp32")
     if precision == "fp32":
@@ -58,4 +64,4 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     native = has_native_bf16(device)
     if precision == "bf16" and not native:
         raise ConfigError("trainer.precision=bf16 needs a GPU or CPU with native bf16")
-    return native
+    return native and (precision == "bf16" or device.type == "cuda")
