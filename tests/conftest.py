@@ -54,8 +54,9 @@ def compose_cfg() -> Callable[..., DictConfig]:
 
 # The longest files, longest first (seconds in CI's `pytest -n 2 --dist loadfile`, one torch
 # thread each: the final model's fixture 314, the fault matrix ~400 in all, the batch-size
-# sweeps 140 and 120, the halving trials 75 and 67). They are sent to the two processes
-# first: one started last would run alone at the end while the other process idles.
+# sweeps 140 and 120, the halving trials 75 and 67, the bad-input cases 190 in all). They go to
+# the two processes first (.ci/run keeps this order with --no-loadscope-reorder): a long file
+# started last would run alone at the end while the other process idles.
 LONGEST_FIRST = (
     "test_final_predict.py",
     "reliability/test_faults.py",
@@ -63,6 +64,7 @@ LONGEST_FIRST = (
     "test_trustworthy.py",
     "test_objective.py",
     "test_batch_size.py",
+    "test_bad_input.py",
 )
 
 
