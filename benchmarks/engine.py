@@ -74,7 +74,9 @@ def bare_epoch(learn: engine.Learner, lr: float, bf16: bool) -> float:
 class _TrainClock(Callback):
     """Seconds of the training phase alone: the bare loop has no validation to time."""
 
-    order = -100  # first in, last out: the clock brackets the other callbacks' work
+    # First at both ends (fastai runs after_train in the same order as before_train): the
+    # clock includes the other callbacks' before_train work, not their after_train work.
+    order = -100
 
     def before_train(self) -> None:
         self.start = time.perf_counter()
@@ -140,7 +142,6 @@ def heldout_dataset() -> Dataset:
 
 
 def seed_recipe(data: Dataset, epochs: int) -> tuple[list[tuple[float, float]], float]:
-    from fastai.callback.core import Callback
     from fastai.data.block import CategoryBlock, DataBlock
     from fastai.data.transforms import IndexSplitter
     from fastai.metrics import accuracy
