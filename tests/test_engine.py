@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from kmnist_sweep.config.check import check_config
 from kmnist_sweep.data.datasets import Dataset, Split, load_dataset
-from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.errors import ConfigError, DataError
 from kmnist_sweep.train import engine
 from kmnist_sweep.train import loader as train_loader
 
@@ -64,6 +64,32 @@ def test_loader_normalises() -> None:
     )
     x, _ = next(iter(loader))
     assert x.shape == (4, 1, 2, 2) and torch.allclose(x, torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("shape", [(3000, 28, 28), (5, 64, 64), (1, 1, 2)])
+def test_pixel_stats_equal_the_float_statistics(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(sum(shape))
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    images[0, 0, 0] = 255  # both ends of the range are counted
+    floats = images.double() / 255
+    mean, std = train_loader.pixel_stats(images)
+    assert mean == pytest.approx(float(floats.mean()), abs=1e-12)
+    assert std == pytest.approx(float(floats.std()), abs=1e-12)
+
+
+def test_loaders_standardise_by_the_training_split(synthetic: tuple[DictConfig, Dataset]) -> None:
+    cfg, dataset = synthetic
+    dls = train_loader.make_loaders(dataset, cfg.trainer, 32, torch.device("cpu"), 0)
+    floats = dataset.train.images.double() / 255
+    for dl in (dls.train, dls.valid, dls[2]):
+        assert dl.mean == pytest.approx(float(floats.mean()), abs=1e-9)
+        assert dl.std == pytest.approx(float(floats.std()), abs=1e-9)
+    assert dls.train.images.dtype == torch.uint8  # converted per batch, never as a whole
+
+
+def test_pixel_stats_refuse_an_empty_split() -> None:
+    with pytest.raises(DataError, match="too few"):
+        train_loader.pixel_stats(torch.zeros((0, 28, 28), dtype=torch.uint8))
 
 
 def _shifts(img: torch.Tensor, t: int) -> list[torch.Tensor]:
