@@ -87,6 +87,27 @@ def test_loaders_standardise_by_the_training_split(synthetic: tuple[DictConfig, 
     assert dls.train.images.dtype == torch.uint8  # converted per batch, never as a whole
 
 
+@pytest.mark.parametrize(("size", "expected"), [(28, 256), (64, 32)])
+def test_auto_eval_batches_hold_a_fixed_number_of_pixels(
+    compose_cfg: Callable[..., DictConfig], size: int, expected: int
+) -> None:
+    cfg = compose_cfg(
+        "data=synthetic", f"data.image_size={size}", "data.n_train=300", "data.n_test=300"
+    )
+    assert cfg.trainer.eval_batch_size == "auto"  # the shipped default
+    check_config(cfg)
+    dls = train_loader.make_loaders(
+        load_dataset(cfg.data), cfg.trainer, 32, torch.device("cpu"), 0
+    )
+    assert dls.valid.bs == dls[2].bs == expected
+    assert len(dls[2]) == -(-300 // expected)  # the test split in steps of that many images
+    fixed = compose_cfg("data=synthetic", f"data.image_size={size}", "trainer.eval_batch_size=96")
+    dls = train_loader.make_loaders(
+        load_dataset(fixed.data), fixed.trainer, 32, torch.device("cpu"), 0
+    )
+    assert dls.valid.bs == 96  # a number is taken as given
+
+
 def test_pixel_stats_refuse_an_empty_split() -> None:
     with pytest.raises(DataError, match="too few"):
         train_loader.pixel_stats(torch.zeros((0, 28, 28), dtype=torch.uint8))
@@ -200,6 +221,8 @@ def test_balanced_accuracy_is_mean_recall() -> None:
         ("trainer.optimizer", "lion", "trainer.optimizer"),
         ("trainer.epochs", "31", "0-30"),
         ("model.arch", "resnet101", "model.arch"),
+        ("trainer.eval_batch_size", "0", "trainer.eval_batch_size=0 must be >= 1"),
+        ("trainer.eval_batch_size", "many", "must be auto or an integer"),
     ],
 )
 def test_bad_trainer_settings_are_config_errors(

@@ -102,7 +102,7 @@ def _bool(unit: str) -> Key:
     return Key("bool", unit)
 
 
-def _workers(key: str, value: Any) -> Any:
+def _auto_or_count(key: str, value: Any) -> Any:
     if str(value) == "auto":
         return "auto"
     if isinstance(value, bool) or not isinstance(value, int):
@@ -178,7 +178,12 @@ SCHEMA: dict[str, Key] = {
         accepts="auto, true or false",
     ),
     "trainer.device": _text("auto | cpu | cuda | cuda:N"),
-    "trainer.eval_batch_size": _int("images per evaluation step", 1),
+    "trainer.eval_batch_size": Key(
+        "custom",
+        "images per evaluation step",
+        custom=_auto_or_count,
+        accepts="auto or an integer >= 1",
+    ),
     "trainer.threads": _int("CPU threads (0: torch's default)", 0),
     # lr_finder:
     "lr_finder.start_lr": _float("learning rate at the first step", 0, low_open=True),
@@ -226,7 +231,7 @@ SCHEMA: dict[str, Key] = {
     "study.pruner.max_resource": _int("epochs of a trial never stopped"),
     "study.pruner.reduction_factor": _int("1 in this many trials go on at each rung"),
     "study.workers": Key(
-        "custom", "processes", custom=_workers, accepts="auto or an integer >= 1"
+        "custom", "processes", custom=_auto_or_count, accepts="auto or an integer >= 1"
     ),
     "study.workers_per_gpu": _int("processes per GPU", 1),
     "study.heartbeat_interval": _int("seconds", 1, nullable=True),

@@ -11,7 +11,7 @@ quacks like a fastai DataLoader, so fastai's Learner, Recorder, `fit_one_cycle` 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +168,21 @@ class DeviceLoader:
         return next(iter(self.new(shuffle=False)))
 
 
+EVAL_PIXELS = 256 * 28 * 28  # pixels per evaluation step for `eval_batch_size: auto`
+
+
+def eval_batch_size(setting: Any, image_shape: Sequence[int]) -> int:
+    """Images per evaluation step: the setting, or for `auto` the largest power of two whose
+    batch holds at most 256 28x28 images' pixels (256 for KMNIST and K49, 32 for 64x64
+    Kanji). A step's activations grow with its pixels and a worker pays them on top of its
+    data: at 1024 64x64 images resnet18's stem alone holds 0.5 GB; on a CPU, K49 workers
+    peaked 80-160 MB higher at 1024 than at 256, and no faster (benchmarks/memory.py)."""
+    if setting != "auto":
+        return int(setting)
+    pixels = max(1, math.prod(int(side) for side in image_shape))
+    return 1 << max(0, (EVAL_PIXELS // pixels).bit_length() - 1)
+
+
 def make_loaders(
     dataset: Dataset, cfg: DictConfig, batch_size: int, device: torch.device, seed: int
 ) -> DataLoaders:
@@ -178,6 +193,7 @@ def make_loaders(
     common["channels_last"] = channels_last
     aug = Augment(translate=int(cfg.translate), cutout=int(cfg.cutout))
     train = DeviceLoader(dataset.train, batch_size, shuffle=True, augment=aug, **common)
-    valid = DeviceLoader(dataset.valid, int(cfg.eval_batch_size), shuffle=False, **common)
-    test = DeviceLoader(dataset.test, int(cfg.eval_batch_size), shuffle=False, **common)
+    eval_bs = eval_batch_size(cfg.eval_batch_size, dataset.train.images.shape[1:])
+    valid = DeviceLoader(dataset.valid, eval_bs, shuffle=False, **common)
+    test = DeviceLoader(dataset.test, eval_bs, shuffle=False, **common)
     return DataLoaders(train, valid, test, device=device)
