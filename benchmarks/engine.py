@@ -109,6 +109,9 @@ def part1(repeats: int, precisions: list[str]) -> None:
             "data.n_test=64",
             "trainer.batch_size=128",
             f"trainer.precision={precision}",
+            # The bare loop's optimiser, whatever the defaults are: AdamW, decay 0.05.
+            "trainer.optimizer=adamw",
+            "trainer.weight_decay=0.05",
         )
         data = load_dataset(cfg.data)
         tiny_valid = Split(data.valid.images[:128], data.valid.labels[:128])

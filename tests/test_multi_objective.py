@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -86,10 +87,10 @@ def test_a_multi_objective_full_sweep_shows_its_pareto_front(tmp_path: Path) -> 
     assert "Optimisation history of val/acc" in page  # one-objective plots: the first metric
 
 
-def two_objective_toy(*extra: str) -> DictConfig:
+def two_objective_toy(*extra: str, sweep: str = "full") -> DictConfig:
     """`+sweep=full` on the toy objective (no training), two objectives, six trials."""
     overrides = [
-        "+sweep=full",
+        f"+sweep={sweep}",
         "data=synthetic",
         f"study.objective={TOY}",
         "study.sampler.type=random",
@@ -126,6 +127,19 @@ def test_the_runner_summarises_and_writes_the_front(in_tmp: Path) -> None:
     best = yaml.safe_load((Path(cfg.study.output_dir) / "best.yaml").read_text())
     assert [(e["trial"], list(e["values"].values())) for e in best["pareto_front"]] == expected
     assert best["directions"] == ["maximize", "minimize"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for CPU-only machines")
+def test_full_on_a_cpu_points_to_the_cpu_sized_space(
+    in_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_sweep(two_objective_toy("study.n_trials=1"))
+    [line] = [r.getMessage() for r in caplog.records if "no GPU" in r.getMessage()]
+    assert "resnet50" in line and "small stem" in line and "30 epochs" in line
+    assert "+sweep=full_cpu" in line
+    caplog.clear()
+    run_sweep(two_objective_toy("study.n_trials=1", sweep="full_cpu"))
+    assert not [r for r in caplog.records if "no GPU" in r.getMessage()]
 
 
 def test_an_existing_study_with_other_metrics_is_a_clash(in_tmp: Path) -> None:

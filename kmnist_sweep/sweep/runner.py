@@ -23,7 +23,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from kmnist_sweep.config.check import check_config
-from kmnist_sweep.config.search_space import Param
+from kmnist_sweep.config.search_space import EPOCHS_KEY, Param
 from kmnist_sweep.errors import ConfigError, Interrupted, SweepStopped, error_line
 from kmnist_sweep.files import check_writable_dir, write_atomic
 from kmnist_sweep.masking import mask_url, scrub
@@ -150,6 +150,10 @@ def plan_sweep(cfg: DictConfig, objective_factory: Factory | None) -> Plan:
         raise ConfigError(
             "worker processes need an importable objective factory: set study.objective"
         )
+    if jobs is None and not local.visible_gpus(str(cfg.trainer.device)):
+        warning = cpu_cost_warning(params)
+        if warning:
+            log.warning(warning)
     objective = as_sweep_objective(factory(cfg))
     if jobs is None:  # cluster jobs may see other files than this host: they check theirs
         objective.check()
@@ -166,6 +170,28 @@ def plan_sweep(cfg: DictConfig, objective_factory: Factory | None) -> Plan:
         resolved=resolved_config(cfg),
         out_dir=out_dir,
         log_dir=log_dir,
+    )
+
+
+CPU_EPOCHS = 15  # epochs above which a searched schedule is long for a CPU trial
+
+
+def cpu_cost_warning(params: list[Param]) -> str | None:
+    """A line when the space holds trials that take hours on a CPU (+sweep=full's do)."""
+    heavy = []
+    for p in params:
+        if p.name == "model.arch" and "resnet50" in p.choices:
+            heavy.append("resnet50")
+        if p.name == "model.stem" and "small" in p.choices:
+            heavy.append("the small stem (~16x the work per image)")
+        if p.name == EPOCHS_KEY and p.high > CPU_EPOCHS:
+            heavy.append(f"{int(p.high)} epochs")
+    if not heavy:
+        return None
+    return (
+        f"no GPU: this search space includes {', '.join(heavy)}; one such trial can take "
+        "hours on a CPU. +sweep=full_cpu is the full search sized for a CPU; set "
+        "study.timeout=SECONDS to bound the wall time"
     )
 
 
