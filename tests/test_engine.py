@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -70,21 +71,36 @@ def test_loader_normalises() -> None:
 def test_pixel_stats_equal_the_float_statistics(shape: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(sum(shape))
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-    images[0, 0, 0] = 255  # both ends of the range are counted
+    images[0, 0, 0], images[-1, -1, -1] = 255, 0  # both ends of the range are counted
     floats = images.double() / 255
     mean, std = train_loader.pixel_stats(images)
     assert mean == pytest.approx(float(floats.mean()), abs=1e-12)
     assert std == pytest.approx(float(floats.std()), abs=1e-12)
 
 
-def test_loaders_standardise_by_the_training_split(synthetic: tuple[DictConfig, Dataset]) -> None:
+def test_loaders_standardise_by_the_training_split(
+    synthetic: tuple[DictConfig, Dataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg, dataset = synthetic
-    dls = train_loader.make_loaders(dataset, cfg.trainer, 32, torch.device("cpu"), 0)
     floats = dataset.train.images.double() / 255
+    whole = dataset.train.images.numel()
+    converted: list[int] = []  # sizes of every tensor made float while the loaders are built
+    for name in ("float", "double", "to"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self: torch.Tensor, *args: Any, _original: Any = original, **kw: Any) -> Any:
+            out = _original(self, *args, **kw)
+            if out.is_floating_point() and not self.is_floating_point():
+                converted.append(self.numel())
+            return out
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    dls = train_loader.make_loaders(dataset, cfg.trainer, 32, torch.device("cpu"), 0)
+    monkeypatch.undo()
+    assert not [n for n in converted if n >= whole], "the training split was copied as floats"
     for dl in (dls.train, dls.valid, dls[2]):
         assert dl.mean == pytest.approx(float(floats.mean()), abs=1e-9)
         assert dl.std == pytest.approx(float(floats.std()), abs=1e-9)
-    assert dls.train.images.dtype == torch.uint8  # converted per batch, never as a whole
 
 
 @pytest.mark.parametrize(("size", "expected"), [(28, 256), (64, 32)])

@@ -112,3 +112,11 @@ def test_curve_key_changes_with_what_the_curve_depends_on(
     assert lr_finder.curve_key(compose_cfg("data=synthetic", "model=resnet34"), 128) != base
     assert lr_finder.curve_key(compose_cfg("data=synthetic", "model.stem=small"), 128) != base
     assert lr_finder.curve_key(compose_cfg("data=synthetic", "trainer.lr=1"), 128) == base
+    for other in (
+        "trainer.optimizer=sgd",
+        "trainer.weight_decay=0.001",
+        "trainer.momentum=0.8",
+        "trainer.label_smoothing=0",
+        "model.pretrained=true",
+    ):
+        assert lr_finder.curve_key(compose_cfg("data=synthetic", other), 128) != base, other

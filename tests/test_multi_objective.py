@@ -13,12 +13,12 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.sweep import local
 from kmnist_sweep.sweep.runner import run_sweep
 from kmnist_sweep.sweep.storage import open_storage
 from tests.conftest import run_cli as cli
@@ -129,17 +129,30 @@ def test_the_runner_summarises_and_writes_the_front(in_tmp: Path) -> None:
     assert best["directions"] == ["maximize", "minimize"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for CPU-only machines")
+def no_gpu_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "no GPU" in r.getMessage()]
+
+
 def test_full_on_a_cpu_points_to_the_cpu_sized_space(
-    in_tmp: Path, caplog: pytest.LogCaptureFixture
+    in_tmp: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run_sweep(two_objective_toy("study.n_trials=1"))
-    [line] = [r.getMessage() for r in caplog.records if "no GPU" in r.getMessage()]
+    run_sweep(two_objective_toy("study.n_trials=1", "trainer.device=cpu"))
+    [line] = no_gpu_lines(caplog)
     assert "resnet50" in line and "small stem" in line and "30 epochs" in line
     assert "+sweep=full_cpu" in line
     caplog.clear()
-    run_sweep(two_objective_toy("study.n_trials=1", sweep="full_cpu"))
-    assert not [r for r in caplog.records if "no GPU" in r.getMessage()]
+    run_sweep(two_objective_toy("study.n_trials=1", "trainer.device=cpu", sweep="full_cpu"))
+    assert not no_gpu_lines(caplog)
+    # A fixed heavy value counts as much as a searched one.
+    fixed = ("study.n_trials=1", "trainer.device=cpu", "model.stem=small", "study.name=fixed")
+    run_sweep(two_objective_toy(*fixed, sweep="full_cpu"))
+    [line] = no_gpu_lines(caplog)
+    assert "small stem" in line and "resnet50" not in line
+    caplog.clear()
+    # With a GPU to train on, +sweep=full is what it is sized for: no warning.
+    monkeypatch.setattr(local, "visible_gpus", lambda device="auto": ["0"])
+    run_sweep(two_objective_toy("study.n_trials=1", "study.name=gpu", "study.workers=1"))
+    assert not no_gpu_lines(caplog)
 
 
 def test_an_existing_study_with_other_metrics_is_a_clash(in_tmp: Path) -> None:

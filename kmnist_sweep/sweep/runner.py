@@ -151,7 +151,7 @@ def plan_sweep(cfg: DictConfig, objective_factory: Factory | None) -> Plan:
             "worker processes need an importable objective factory: set study.objective"
         )
     if jobs is None and not local.visible_gpus(str(cfg.trainer.device)):
-        warning = cpu_cost_warning(params)
+        warning = cpu_cost_warning(cfg, params)
         if warning:
             log.warning(warning)
     objective = as_sweep_objective(factory(cfg))
@@ -173,25 +173,34 @@ def plan_sweep(cfg: DictConfig, objective_factory: Factory | None) -> Plan:
     )
 
 
-CPU_EPOCHS = 15  # epochs above which a searched schedule is long for a CPU trial
+CPU_EPOCHS = 15  # epochs above which one trial is long for a CPU
 
 
-def cpu_cost_warning(params: list[Param]) -> str | None:
-    """A line when the space holds trials that take hours on a CPU (+sweep=full's do)."""
+def cpu_cost_warning(cfg: DictConfig, params: list[Param]) -> str | None:
+    """A line when a sweep on a CPU holds trials that take hours (+sweep=full's do): the
+    searched values and the fixed ones alike (`+sweep=lr model=resnet50` counts)."""
+    searched = {p.name: p for p in params}
+
+    def values(key: str) -> list[Any]:  # every value a trial may run `key` with
+        p = searched.get(key)
+        if p is None:
+            return [OmegaConf.select(cfg, key)]
+        return list(p.choices) if p.type == "categorical" else [p.high]
+
     heavy = []
-    for p in params:
-        if p.name == "model.arch" and "resnet50" in p.choices:
-            heavy.append("resnet50")
-        if p.name == "model.stem" and "small" in p.choices:
-            heavy.append("the small stem (~16x the work per image)")
-        if p.name == EPOCHS_KEY and p.high > CPU_EPOCHS:
-            heavy.append(f"{int(p.high)} epochs")
+    if "resnet50" in values("model.arch"):
+        heavy.append("resnet50")
+    if "small" in values("model.stem"):
+        heavy.append("the small stem (16x the activations of the imagenet stem)")
+    epochs = max((int(v) for v in values(EPOCHS_KEY) if isinstance(v, int | float)), default=0)
+    if epochs > CPU_EPOCHS:
+        heavy.append(f"{epochs} epochs")
     if not heavy:
         return None
     return (
-        f"no GPU: this search space includes {', '.join(heavy)}; one such trial can take "
-        "hours on a CPU. +sweep=full_cpu is the full search sized for a CPU; set "
-        "study.timeout=SECONDS to bound the wall time"
+        f"no GPU: this sweep's trials include {', '.join(heavy)}; one such trial can take "
+        "hours on a CPU: narrow the space (++search_space.KEY...), use +sweep=full_cpu (the "
+        "full search sized for a CPU) or bound the wall time with study.timeout=SECONDS"
     )
 
 

@@ -71,7 +71,7 @@ def to_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return images.unsqueeze(1).float().sub_(mean * 255).div_(std * 255)
 
 
-STATS_CHUNK = 1024  # images per histogram step: 4 M pixels of Kanji, 32 MB as int64 at most
+STATS_CHUNK = 1024  # images per histogram step: bounds any temporary of the count (4 M px)
 
 
 def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
@@ -176,7 +176,8 @@ def eval_batch_size(setting: Any, image_shape: Sequence[int]) -> int:
     batch holds at most 256 28x28 images' pixels (256 for KMNIST and K49, 32 for 64x64
     Kanji). A step's activations grow with its pixels and a worker pays them on top of its
     data: at 1024 64x64 images resnet18's stem alone holds 0.5 GB; on a CPU, K49 workers
-    peaked 80-160 MB higher at 1024 than at 256, and no faster (benchmarks/memory.py)."""
+    peaked 80-160 MB higher at 1024 than at 256 (benchmarks/memory.py, docs/benchmarks.md).
+    """
     if setting != "auto":
         return int(setting)
     pixels = max(1, math.prod(int(side) for side in image_shape))

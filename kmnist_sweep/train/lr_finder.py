@@ -129,13 +129,20 @@ class Curve:
 
 
 def curve_key(cfg: DictConfig, batch_size: int) -> str:
-    """What the curve depends on: data, model, stem, batch size, precision and the test's range."""
+    """What the curve depends on: data, model, stem, weights, batch size, precision, the
+    optimiser and its settings, the loss (label smoothing) and the test's range. A study
+    caches curves by this key, so a space that searches, say, the optimiser with a finder
+    LR must not reuse one optimiser's curve for another (SGD's minimum is not AdamW's)."""
+    tcfg = cfg.trainer
     parts = [
         cfg.data.name,
         cfg.model.arch,
         cfg.model.stem,
+        f"pretrained={bool(cfg.model.pretrained)}",
         f"bs{batch_size}",
-        str(cfg.trainer.precision),
+        str(tcfg.precision),
+        f"{tcfg.optimizer} m{float(tcfg.momentum):g} wd{float(tcfg.weight_decay):g}",
+        f"ls{float(tcfg.label_smoothing):g}",
         f"{float(cfg.lr_finder.start_lr):g}-{float(cfg.lr_finder.end_lr):g}x{cfg.lr_finder.num_it}",
     ]
     digest = hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
