@@ -1,4 +1,4 @@
-"""Engine benchmark, run by hand: `python benchmarks/engine.py [--part 1 2 3]`.
+"""Engine benchmark, run by hand: `python benchmarks/engine.py [--part 1 2 3 4]`.
 
 1. images/s of the tool's fastai training step vs a bare PyTorch loop (same model, batch,
    precision, device, same device-resident batches), measured in one process, interleaved.
@@ -7,6 +7,8 @@
    wall time to reach the seed's final held-out accuracy, and both final accuracies.
 3. CUDA: benchmarks/gpu.py (throughput grid, 60k-image epoch, engine vs bare loop, packed
    trials, torch.compile); `bash benchmarks/gpu_check.sh` runs it with the gpu tests.
+4. One optimiser step over resnet18's parameters: torch's default (foreach) against the
+   fused kernels the engine uses, SGD and AdamW, interleaved, median.
 Prints markdown tables; paste them into docs/benchmarks.md with the machine.
 """
 
@@ -54,7 +56,7 @@ def bare_epoch(learn: engine.Learner, lr: float, bf16: bool) -> float:
     """One epoch of a plain PyTorch loop over the learner's own loader, in the same precision
     as the tool's step (bf16 autocast around forward and loss, or fp32); returns seconds."""
     model, loader = learn.model, learn.dls.train
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, fused=True)
     loss_fn = learn.loss_func
     device_type = next(model.parameters()).device.type
     model.train()
@@ -231,10 +233,51 @@ def part3() -> None:
     gpu.main([])  # its own sizes and time budget; --tiny etc. through benchmarks/gpu.py
 
 
+# ------------------------------------------------------------------ part 4: optimiser step
+
+
+def part4(repeats: int) -> None:
+    from torchvision import models
+
+    params = list(models.resnet18(num_classes=10).parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    makers: dict[str, Callable[[bool], torch.optim.Optimizer]] = {
+        "SGD (Nesterov 0.9, decay 5e-4)": lambda fused: torch.optim.SGD(
+            params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=fused
+        ),
+        "AdamW (decay 0.05)": lambda fused: torch.optim.AdamW(
+            params, lr=1e-3, weight_decay=0.05, fused=fused
+        ),
+    }
+
+    def ms_per_step(opt: torch.optim.Optimizer, steps: int = 20) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        return (time.perf_counter() - start) / steps * 1000
+
+    n = sum(p.numel() for p in params)
+    print(f"\n### 4. One optimiser step over resnet18's {n / 1e6:.1f} M parameters (ms)\n")
+    print("| optimiser | default (foreach) | fused | fused / default |")
+    print("|---|---|---|---|")
+    for name, make in makers.items():
+        opts = {fused: make(fused) for fused in (False, True)}
+        for opt in opts.values():
+            ms_per_step(opt, 3)  # warm-up: state allocation
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(repeats):  # interleaved
+            for fused, opt in opts.items():
+                times[fused].append(ms_per_step(opt))
+        plain, fused_ms = statistics.median(times[False]), statistics.median(times[True])
+        print(f"| {name} | {plain:.1f} | {fused_ms:.1f} | {fused_ms / plain:.2f} |")
+    print(f"\nmedian of {repeats} interleaved runs of 20 steps; random gradients")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved epochs per loop")
+    parser.add_argument("--part", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per loop")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], help="part 1")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the seed recipe")
     parser.add_argument("--tool", nargs="*", default=[], help="overrides for the tool recipe")
@@ -251,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         1: lambda: part1(args.repeats, args.precision),
         2: lambda: part2(args.epochs, args.tool, args.seed_result),
         3: part3,
+        4: lambda: part4(args.repeats),
     }
     for part in args.part:
         steps[part]()

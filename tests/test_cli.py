@@ -58,10 +58,11 @@ def test_batchsize_sweep_on_kmnist_sample_and_retrain_best(tmp_path: Path) -> No
     out_dir = tmp_path / "sweeps" / "batchsize-kmnist_sample"
     best = yaml.safe_load((out_dir / "best.yaml").read_text())
     assert (out_dir / "trials.csv").exists() and (out_dir / "config.yaml").exists()
-    # One range test, at the sweep's batch size (128), carried to each trial's size.
+    # One range test, at the default batch size (64), carried to each trial's size; SGD,
+    # the default optimiser, takes the curve's bottom (`lr_finder.suggestion: auto`).
     curves = sorted(p.name for p in (out_dir / "lr_finder").glob("*.csv"))
-    assert len(curves) == 1 and "-bs128-" in curves[0], curves
-    assert re.search(r"^LR finder \(minimum, batch 128\): ", sweep.stdout, re.M), sweep.stdout
+    assert len(curves) == 1 and "-bs64-" in curves[0], curves
+    assert re.search(r"^LR finder \(bottom, batch 64\): ", sweep.stdout, re.M), sweep.stdout
     report = out_dir / "report"
     assert "confusion.png" in (report / "report.html").read_text()
     for png in report.glob("*.png"):

@@ -95,7 +95,7 @@ def test_every_sweep_composes_and_checks(sweep: str, data: str) -> None:
         ),
         (
             "batch_size.min=512",
-            "trainer.batch_size=128 is outside batch_size.min=512 .. batch_size.max=4096",
+            "trainer.batch_size=64 is outside batch_size.min=512 .. batch_size.max=4096",
         ),
         ("+trainer.lr_max=0.1", "trainer.lr_max: no such config key (did you mean 'trainer.lr'?)"),
     ],

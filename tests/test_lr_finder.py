@@ -70,6 +70,22 @@ def test_suggest_trims_like_fastai() -> None:
         lr_finder.suggest(LRS, losses, "steep")
 
 
+def test_bottom_is_the_minimum_and_auto_picks_a_rule_per_optimiser(
+    compose_cfg: Callable[..., DictConfig],
+) -> None:
+    losses = [(math.log10(lr) + 2) ** 2 for lr in LRS]  # bottoms out at 1e-2
+    assert lr_finder.suggest(LRS, losses, "bottom") == pytest.approx(1e-2)
+    assert lr_finder.suggest(LRS, losses, "minimum") == pytest.approx(1e-3)
+    assert compose_cfg().lr_finder.suggestion == "auto"  # the shipped default
+    assert lr_finder.rule_for(compose_cfg("trainer.optimizer=adamw")) == "minimum"
+    assert lr_finder.rule_for(compose_cfg("trainer.optimizer=sgd")) == "bottom"
+    chosen = compose_cfg("trainer.optimizer=sgd", "lr_finder.suggestion=valley")
+    assert lr_finder.rule_for(chosen) == "valley"  # a named rule wins
+    # A curve cached by a version without `bottom` still answers for it.
+    old = lr_finder.Curve(LRS, losses, 128, {"minimum": 1e-3})
+    assert lr_finder.Curve.from_json(old.to_json()).lr("bottom") == pytest.approx(1e-2)
+
+
 def test_no_finite_loss_is_an_error() -> None:
     with pytest.raises(ValueError, match="no finite loss"):
         lr_finder.suggest_minimum(LRS[:3], [math.nan] * 3)
@@ -113,7 +129,7 @@ def test_curve_key_changes_with_what_the_curve_depends_on(
     assert lr_finder.curve_key(compose_cfg("data=synthetic", "model.stem=small"), 128) != base
     assert lr_finder.curve_key(compose_cfg("data=synthetic", "trainer.lr=1"), 128) == base
     for other in (
-        "trainer.optimizer=sgd",
+        "trainer.optimizer=adamw",
         "trainer.weight_decay=0.001",
         "trainer.momentum=0.8",
         "trainer.label_smoothing=0",

@@ -35,6 +35,7 @@ SMALL_FULL = (
     "++search_space.trainer.epochs.high=1",
     "++search_space.model.arch.choices=[resnet18]",
     "++search_space.trainer.batch_size.high=64",
+    "++search_space.trainer.lr.high=0.05",  # SGD above that can diverge on 128 random images
     "trainer.threads=1",
     "tracking=disabled",
 )

@@ -90,6 +90,9 @@ def test_seeded_lr_runs_the_finder_once_and_searches_around_it(
         tmp_path,
         "trainer.epochs=1",
         "lr_finder.num_it=20",
+        # AdamW: at 10x SGD's `bottom` a one-epoch trial on 512 random images can diverge
+        # and fail, and this test is about where the LRs come from, not about divergence.
+        "trainer.optimizer=adamw",
         "+search_space={trainer.lr: {type: lr_finder, low_factor: 0.1, high_factor: 10}}",
     )
     study = optuna.create_study(direction="maximize")
@@ -98,7 +101,7 @@ def test_seeded_lr_runs_the_finder_once_and_searches_around_it(
     cached = [k for k in study.user_attrs if k.startswith(lr_finder.CACHE_PREFIX)]
     assert len(cached) == 1, "one range test for one batch size"
     curve = lr_finder.Curve.from_json(study.user_attrs[cached[0]])
-    base = curve.suggestions[str(cfg.lr_finder.suggestion)]
+    base = curve.suggestions[lr_finder.rule_for(cfg)]
     first = study.trials[0]
     assert first.params["trainer.lr.factor"] == 1.0
     assert first.user_attrs["lr/value"] == pytest.approx(base)

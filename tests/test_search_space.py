@@ -207,7 +207,7 @@ def test_apply_params_returns_a_copy(compose_cfg: Any) -> None:
     cfg = compose_cfg()
     out = apply_params(cfg, {"trainer.batch_size": 512, "model.arch": "resnet50"})
     assert (out.trainer.batch_size, out.model.arch) == (512, "resnet50")
-    assert (cfg.trainer.batch_size, cfg.model.arch) == (128, "resnet18")
+    assert (cfg.trainer.batch_size, cfg.model.arch) == (64, "resnet18")
     assert out.study.name == "kmnist-default"  # interpolations still live
     with pytest.raises(ConfigError, match="trainer.bacth_size: no such config key"):
         apply_params(cfg, {"trainer.bacth_size": 512})

@@ -165,7 +165,7 @@ SCHEMA: dict[str, Key] = {
     "trainer.lr": _float("peak one-cycle learning rate per step", 0, low_open=True),
     "trainer.optimizer": _choice("optimizer", "adamw", "sgd"),
     "trainer.momentum": _float("AdamW beta1 / SGD momentum", 0, 1, high_open=True),
-    "trainer.weight_decay": _float("decoupled decay, fraction of weight per step at lr=1", 0),
+    "trainer.weight_decay": _float("AdamW decoupled decay / SGD L2 coefficient", 0),
     "trainer.label_smoothing": _float("probability mass on the other classes", **FRACTION),
     "trainer.pct_start": _float("fraction of steps warming up", **FRACTION),
     "trainer.translate": _int("pixels of random shift per axis", 0),
@@ -190,7 +190,7 @@ SCHEMA: dict[str, Key] = {
     "lr_finder.end_lr": _float("learning rate at the last step", 0, low_open=True),
     "lr_finder.num_it": _int("steps of the range test", 10),
     "lr_finder.beta": _float("EWMA factor smoothing the loss", **FRACTION),
-    "lr_finder.suggestion": _choice("rule", "valley", "minimum"),
+    "lr_finder.suggestion": _choice("rule", "auto", "minimum", "bottom", "valley"),
     "lr_finder.scale": _choice(
         "rule carrying the LR to other batch sizes", "sqrt", "linear", "rerun"
     ),

@@ -40,28 +40,45 @@ class Augment:
     cutout: int = 0  # pixels: side of a zeroed square (0 = off)
 
 
-def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
-    """Random shifts (zero fill) and cutout on a (B, 1, H, W) batch; never flips, which
-    would mirror characters into other or non-existent ones."""
+def shift_batch(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Each (B, 1, H, W) image moved by up to `pixels` per axis, zero fill; never flips,
+    which would mirror characters into other or non-existent ones."""
     b, _, h, w = x.shape
     dev = x.device
+    padded = nn.functional.pad(x, (pixels, pixels, pixels, pixels))
+    dy = torch.randint(0, 2 * pixels + 1, (b, 1), generator=gen, device=dev)
+    dx = torch.randint(0, 2 * pixels + 1, (b, 1), generator=gen, device=dev)
+    rows = (torch.arange(h, device=dev) + dy)[:, :, None]
+    cols = (torch.arange(w, device=dev) + dx)[:, None, :]
+    batch = torch.arange(b, device=dev)[:, None, None]
+    return padded[:, 0][batch, rows, cols].unsqueeze(1)
+
+
+def cutout_batch(x: torch.Tensor, side: int, gen: torch.Generator) -> torch.Tensor:
+    """A random `side` x `side` square of each (B, 1, H, W) image set to 0."""
+    b, _, h, w = x.shape
+    dev = x.device
+    cy = torch.randint(0, h, (b, 1, 1, 1), generator=gen, device=dev)
+    cx = torch.randint(0, w, (b, 1, 1, 1), generator=gen, device=dev)
+    ys = torch.arange(h, device=dev)[None, None, :, None]
+    xs = torch.arange(w, device=dev)[None, None, None, :]
+    dy, dx = ys - cy + side // 2, xs - cx + side // 2
+    hole = (dy >= 0) & (dy < side) & (dx >= 0) & (dx < side)
+    return x.masked_fill(hole, 0)
+
+
+def augment_batch(
+    images: torch.Tensor, aug: Augment, gen: torch.Generator, mean: float, std: float
+) -> torch.Tensor:
+    """uint8 (B, H, W) -> the standardised float (B, 1, H, W) a model trains on.
+    Shifts act on the raw scan, so the rows they bring in are its black background, as in
+    any test image; cutout acts after standardising, so its hole is the mean grey (0), an
+    occluder rather than erased ink (measured against black holes: docs/benchmarks.md)."""
     if aug.translate > 0:
-        t = aug.translate
-        padded = nn.functional.pad(x, (t, t, t, t))
-        dy = torch.randint(0, 2 * t + 1, (b, 1), generator=gen, device=dev)
-        dx = torch.randint(0, 2 * t + 1, (b, 1), generator=gen, device=dev)
-        rows = (torch.arange(h, device=dev) + dy)[:, :, None]
-        cols = (torch.arange(w, device=dev) + dx)[:, None, :]
-        batch = torch.arange(b, device=dev)[:, None, None]
-        x = padded[:, 0][batch, rows, cols].unsqueeze(1)
+        images = shift_batch(images.unsqueeze(1), aug.translate, gen).squeeze(1)
+    x = to_input(images, mean, std)
     if aug.cutout > 0:
-        cy = torch.randint(0, h, (b, 1, 1, 1), generator=gen, device=dev)
-        cx = torch.randint(0, w, (b, 1, 1, 1), generator=gen, device=dev)
-        ys = torch.arange(h, device=dev)[None, None, :, None]
-        xs = torch.arange(w, device=dev)[None, None, None, :]
-        dy, dx = ys - cy + aug.cutout // 2, xs - cx + aug.cutout // 2
-        hole = (dy >= 0) & (dy < aug.cutout) & (dx >= 0) & (dx < aug.cutout)
-        x = x.masked_fill(hole, 0.0)
+        x = cutout_batch(x, aug.cutout, gen)
     return x
 
 
@@ -144,9 +161,10 @@ class DeviceLoader:
             yield self.batch(sel)
 
     def batch(self, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_input(self.images[sel], self.mean, self.std)
         if self.augment is not None:
-            x = augment_batch(x, self.augment, self.gen)
+            x = augment_batch(self.images[sel], self.augment, self.gen, self.mean, self.std)
+        else:
+            x = to_input(self.images[sel], self.mean, self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.labels[sel]

@@ -63,13 +63,17 @@ def trim(lrs: Sequence[float], losses: Sequence[float]) -> tuple[list[float], li
     return finite_prefix(lrs, losses)
 
 
-def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """An order of magnitude below the LR of the smoothed minimum."""
+def suggest_bottom(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """The LR of the smoothed minimum itself: Smith's peak for SGD's one cycle."""
     lrs, losses = finite_prefix(lrs, losses)
     if not losses:
         raise ValueError("the LR finder recorded no finite loss")
-    best = min(range(len(losses)), key=losses.__getitem__)
-    return lrs[best] / 10
+    return lrs[min(range(len(losses)), key=losses.__getitem__)]
+
+
+def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """An order of magnitude below the LR of the smoothed minimum (fastai's, for Adam)."""
+    return suggest_bottom(lrs, losses) / 10
 
 
 def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
@@ -92,7 +96,21 @@ def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
     return lrs[start + int(third) + int(third / 2)]
 
 
-RULES: dict[str, Rule] = {"minimum": suggest_minimum, "valley": suggest_valley}
+RULES: dict[str, Rule] = {
+    "minimum": suggest_minimum,
+    "valley": suggest_valley,
+    "bottom": suggest_bottom,
+}
+# `suggestion: auto`: the rule that lands next to the hand-tuned LR of each optimiser on
+# kmnist_sample (docs/benchmarks.md). Adam's step is normalised, so the loss bottoms out
+# at an LR ~10x its best peak; SGD's best one-cycle peak sits at or just above the bottom.
+AUTO_RULES = {"adamw": "minimum", "sgd": "bottom"}
+
+
+def rule_for(cfg: DictConfig) -> str:
+    """The suggestion rule this config uses: `lr_finder.suggestion`, or auto's per optimiser."""
+    rule = str(cfg.lr_finder.suggestion)
+    return AUTO_RULES[str(cfg.trainer.optimizer)] if rule == "auto" else rule
 
 
 def suggest(lrs: Sequence[float], losses: Sequence[float], rule: str) -> float:
@@ -126,6 +144,10 @@ class Curve:
     @staticmethod
     def from_json(text: str) -> Curve:
         return Curve(**json.loads(text))
+
+    def lr(self, rule: str) -> float:
+        """The LR `rule` suggests, also from a curve cached before that rule existed."""
+        return self.suggestions.get(rule) or suggest(self.lrs, self.losses, rule)
 
 
 def curve_key(cfg: DictConfig, batch_size: int) -> str:
@@ -195,7 +217,8 @@ def save_csv(curve: Curve, path: Path) -> Path:
 
 def plot_curve(curve: Curve, path: Path, chosen: str | None = None) -> Path:
     """Smoothed loss against LR (log axis): the curve's minimum, and each suggestion (the
-    `minimum` rule's is a tenth of the minimum's LR, a separate point) on the curve."""
+    `minimum` rule's is a tenth of the minimum's LR, a separate point; `bottom`'s is the
+    minimum's) on the curve."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     lrs, losses = finite_prefix(curve.lrs, curve.losses)
@@ -211,7 +234,7 @@ def plot_curve(curve: Curve, path: Path, chosen: str | None = None) -> Path:
             label=f"smoothed minimum: {low_lrs[best]:.2e}",
         )
     for (name, lr), colour in zip(
-        curve.suggestions.items(), ("tab:red", "tab:green"), strict=False
+        curve.suggestions.items(), ("tab:red", "tab:green", "tab:purple"), strict=False
     ):
         idx = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i]) - math.log(lr)))
         style = "o" if name == chosen else "x"
@@ -254,7 +277,7 @@ def cached_curve(study: optuna.Study, cfg: DictConfig, dataset: Dataset, batch_s
     study.set_user_attr(CACHE_PREFIX + key, curve.to_json())
     out = Path(str(cfg.study.output_dir)) / "lr_finder"
     save_csv(curve, out / f"{key}.csv")
-    plot_curve(curve, out / f"{key}.png", chosen=str(cfg.lr_finder.suggestion))
+    plot_curve(curve, out / f"{key}.png", chosen=rule_for(cfg))
     log.info(
         "LR finder: %s -> plot %s",
         ", ".join(f"{k} {v:.3g}" for k, v in curve.suggestions.items()),
@@ -268,13 +291,13 @@ def seeded_lr(
 ) -> tuple[float, str]:
     """The finder's LR for this batch size and a one-line account of where it came from."""
     fcfg = cfg.lr_finder
-    rule = str(fcfg.suggestion)
+    rule = rule_for(cfg)
     if fcfg.scale == "rerun":
         curve = cached_curve(study, cfg, dataset, batch_size)
-        return curve.suggestions[rule], f"{rule} at batch {batch_size}"
+        return curve.lr(rule), f"{rule} at batch {batch_size}"
     ref = int(fcfg.batch_size)
     curve = cached_curve(study, cfg, dataset, ref)
-    lr = scale_lr(curve.suggestions[rule], ref, batch_size, str(fcfg.scale))
+    lr = scale_lr(curve.lr(rule), ref, batch_size, str(fcfg.scale))
     return lr, f"{rule} at batch {ref}, scaled {fcfg.scale} to batch {batch_size}"
 
 
@@ -292,9 +315,9 @@ def prepare(
         return
     if cfg.lr_finder.scale != "rerun":
         curve = cached_curve(study, cfg, dataset(), int(cfg.lr_finder.batch_size))
-        rule = str(cfg.lr_finder.suggestion)
+        rule = rule_for(cfg)
         print(
-            f"LR finder ({rule}, batch {curve.batch_size}): {curve.suggestions[rule]:.3g}; "
+            f"LR finder ({rule}, batch {curve.batch_size}): {curve.lr(rule):.3g}; "
             f"curve in {Path(str(cfg.study.output_dir)) / 'lr_finder'}",
             flush=True,
         )
