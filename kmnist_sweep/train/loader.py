@@ -37,7 +37,7 @@ def use_channels_last(setting: Any, device: torch.device) -> bool:
 @dataclass(frozen=True)
 class Augment:
     translate: int = 0  # pixels: largest random shift per axis
-    cutout: int = 0  # pixels: side of a zeroed square (0 = off)
+    cutout: int = 0  # pixels: side of a square set to the mean grey (0 = off)
 
 
 def shift_batch(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
