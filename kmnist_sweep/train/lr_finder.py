@@ -147,7 +147,9 @@ class Curve:
 
     def lr(self, rule: str) -> float:
         """The LR `rule` suggests, also from a curve cached before that rule existed."""
-        return self.suggestions.get(rule) or suggest(self.lrs, self.losses, rule)
+        if rule in self.suggestions:
+            return self.suggestions[rule]
+        return suggest(self.lrs, self.losses, rule)
 
 
 def curve_key(cfg: DictConfig, batch_size: int) -> str:
