@@ -1,4 +1,4 @@
-"""Engine benchmark, run by hand: `python benchmarks/engine.py [--part 1 2 3 4]`.
+"""Engine benchmark, run by hand: `python benchmarks/engine.py [--part 1 2 3 4 5]`.
 
 1. images/s of the tool's fastai training step vs a bare PyTorch loop (same model, batch,
    precision, device, same device-resident batches), measured in one process, interleaved.
@@ -9,6 +9,9 @@
    trials, torch.compile); `bash benchmarks/gpu_check.sh` runs it with the gpu tests.
 4. One optimiser step over resnet18's parameters: torch's default (foreach) against the
    fused kernels the engine uses, SGD and AdamW, interleaved, median.
+5. The bare model's training throughput per batch size and layout (fp32 NCHW, fp32
+   channels-last, bf16 autocast channels-last where the CPU has native bf16): the ceiling
+   on how fast any recipe with resnet18 can run an epoch on this machine.
 Prints markdown tables; paste them into docs/benchmarks.md with the machine.
 """
 
@@ -274,13 +277,69 @@ def part4(repeats: int) -> None:
     print(f"\nmedian of {repeats} interleaved runs of 20 steps; random gradients")
 
 
+# ------------------------------------------------------------------ part 5: step ceiling
+
+
+def part5(repeats: int, batches: list[int]) -> None:
+    """images/s of forward, loss, backward and a fused SGD step, nothing else: resnet18 with
+    the tool's imagenet stem on random 28x28 batches, one model per setting, interleaved."""
+    from kmnist_sweep.config.device import cpu_has_bf16
+    from kmnist_sweep.train.model import build_model
+
+    settings = [("fp32", "NCHW"), ("fp32", "channels-last")]
+    if cpu_has_bf16():
+        settings.append(("bf16", "channels-last"))
+    model_cfg = compose_cfg().model
+    print("\n### 5. Bare resnet18 training step, images/s (imagenet stem, 28x28, fused SGD)\n")
+    print("| batch | " + " | ".join(f"{p} {f}" for p, f in settings) + " |")
+    print("|---|" + "---|" * len(settings))
+    for bs in batches:
+        steps = max(4, 2048 // bs)
+        runs = {s: _bare_steps(build_model(model_cfg, 10), bs, *s) for s in settings}
+        for run in runs.values():
+            run(2)  # warm-up: oneDNN picks its kernels
+        rates: dict[tuple[str, str], list[float]] = {s: [] for s in settings}
+        for _ in range(repeats):  # interleaved
+            for s, run in runs.items():
+                rates[s].append(steps * bs / run(steps))
+        cells = " | ".join(f"{statistics.median(rates[s]):.0f}" for s in settings)
+        print(f"| {bs} | {cells} |", flush=True)
+    print(f"\nmedian of {repeats} interleaved runs of max(4, 2048 / batch) steps; {machine()}")
+
+
+def _bare_steps(
+    model: torch.nn.Module, bs: int, precision: str, layout: str
+) -> Callable[[int], float]:
+    fmt = torch.channels_last if layout == "channels-last" else torch.contiguous_format
+    model = model.to(memory_format=fmt).train()  # type: ignore[call-overload]
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True
+    )
+    x = torch.randn(bs, 1, 28, 28).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (bs,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                pred = model(x)
+            loss_fn(pred.float(), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return time.perf_counter() - start
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--part", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per loop")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], help="part 1")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the seed recipe")
     parser.add_argument("--tool", nargs="*", default=[], help="overrides for the tool recipe")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument(
         "--seed-result",
         nargs=3,
@@ -295,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         2: lambda: part2(args.epochs, args.tool, args.seed_result),
         3: part3,
         4: lambda: part4(args.repeats),
+        5: lambda: part5(args.repeats, args.batches),
     }
     for part in args.part:
         steps[part]()

@@ -1,12 +1,13 @@
-"""Sweep benchmark, run by hand: `python benchmarks/sweep.py [--budget 900] [--arms a b c d]`.
+"""Sweep benchmark, run by hand: `python benchmarks/sweep.py [--budget 900] [--arms a b c e d]`.
 
 What a sweep finds on kmnist_sample in one wall-clock budget (15 min by default), each arm
 run through the CLI as a user runs it, one after another on the same machine:
 
-  a. the shipped full search (TPE sampler, median pruner): `+sweep=full_cpu` without a GPU,
-     `+sweep=full` with one (`--sweep` picks)
+  a. the shipped full search (TPE sampler, median pruner, trial 0 the defaults):
+     `+sweep=full_cpu` without a GPU, `+sweep=full` with one (`--sweep` picks)
   b. the same without pruning
-  c. random sampling without pruning
+  c. plain random sampling without pruning (no queued defaults: every trial sampled)
+  e. random sampling without pruning, trial 0 the defaults (what the queued start is worth)
   d. the seed article's recipe once (fastai DataBlock pipeline, vision_learner(resnet34),
      bs 128, lr_find minimum/10, 10 epochs; benchmarks/engine.py part 2's code)
 
@@ -49,6 +50,10 @@ ARMS = {
     "b": ("no pruning", ["study.pruner.type=none"]),
     "c": (
         "random sampling, no pruning",
+        ["study.pruner.type=none", "study.sampler.type=random", "study.start_from_defaults=false"],
+    ),
+    "e": (
+        "random sampling, no pruning, trial 0 the defaults",
         ["study.pruner.type=none", "study.sampler.type=random"],
     ),
 }
@@ -181,9 +186,9 @@ def plot(results: dict[str, ArmResult], budget: float, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=900, help="seconds per sweep arm")
-    parser.add_argument("--arms", nargs="+", default=["a", "b", "c", "d"])
+    parser.add_argument("--arms", nargs="+", default=["a", "b", "c", "e", "d"])
     default_sweep = "full" if torch.cuda.is_available() else "full_cpu"
-    parser.add_argument("--sweep", default=default_sweep, help="the sweep of arms a-c")
+    parser.add_argument("--sweep", default=default_sweep, help="the sweep of arms a, b, c and e")
     parser.add_argument("--out", type=Path, default=REPO / "sweeps" / "benchmark")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every sweep arm")
     args = parser.parse_args()

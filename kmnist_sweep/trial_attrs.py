@@ -21,6 +21,10 @@ ERROR = "error"  # the trial's own exception, one line: counted against study.ma
 # Attributes that explain a FAIL; a failed trial without one of them is a bug in the runner.
 FAIL_REASONS = (ERROR, INTERRUPTED, STORAGE_ERROR, SURPLUS)
 
+# ---------------------------------------------------------------- written by the runner
+
+QUEUED = "queued"  # why the runner queued the trial's values (study.start_from_defaults)
+
 # ---------------------------------------------------------------- written by the objective
 
 OVERRIDES = "overrides"  # Hydra overrides that retrain the trial exactly (list[str])

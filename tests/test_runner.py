@@ -28,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
+from kmnist_sweep import trial_attrs
 from kmnist_sweep.config.search_space import apply_params, parse_space
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.masking import mask_url
@@ -193,6 +194,44 @@ def test_grid_sampler_tries_each_batch_size_once(toy_cfg: Any) -> None:
     summary = run_sweep(cfg)
     sizes = sorted(t.params["trainer.batch_size.log2"] for t in load(cfg).trials)
     assert sizes == list(range(5, 12)) and summary.complete + summary.pruned == 7
+
+
+def test_a_new_study_starts_from_the_config_once(toy_cfg: Any) -> None:
+    """+sweep=full_cpu queues the defaults as trial 0; running it again adds no second copy."""
+    cfg = toy_cfg("+sweep=full_cpu", "study.n_trials=2", toy={"epochs": 1})
+    run_sweep(cfg)
+    trials = load(cfg).get_trials(deepcopy=False)
+    queued = [t.number for t in trials if trial_attrs.QUEUED in t.user_attrs]
+    assert queued == [0]
+    expected = {p.name: OmegaConf.select(cfg, p.name) for p in parse_space(cfg.search_space)}
+    expected["trainer.batch_size.log2"] = expected.pop("trainer.batch_size").bit_length() - 1
+    assert trials[0].params == expected  # the defaults, not a sample
+    assert trials[1].params != expected
+
+    run_sweep(toy_cfg("+sweep=full_cpu", "study.n_trials=4", toy={"epochs": 1}))
+    trials = load(cfg).get_trials(deepcopy=False)
+    assert len(trials) == 4 and [t for t in trials if t.params == expected] == trials[:1]
+
+
+def test_a_config_value_outside_the_space_is_sampled_for_trial_0(
+    toy_cfg: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = toy_cfg("+sweep=full_cpu", "study.n_trials=1", "trainer.lr=0.9", toy={"epochs": 1})
+    with caplog.at_level("INFO", logger="kmnist_sweep.sweep.runner"):
+        run_sweep(cfg)
+    (trial,) = load(cfg).get_trials(deepcopy=False)
+    assert trial_attrs.QUEUED in trial.user_attrs and trial.params["trainer.epochs"] == 10
+    assert 0.02 <= trial.params["trainer.lr"] <= 0.4  # sampled inside the space, not 0.9
+    assert "trial 0 runs the config's own values: trainer.batch_size=64 " in caplog.text
+    assert "the config's trainer.lr lie outside search_space" in caplog.text
+
+
+def test_a_sweep_without_start_from_defaults_samples_its_first_trial(toy_cfg: Any) -> None:
+    cfg = toy_cfg("+sweep=full_cpu", "study.n_trials=1", "study.start_from_defaults=false")
+    run_sweep(cfg)
+    (trial,) = load(cfg).get_trials(deepcopy=False)
+    assert trial_attrs.QUEUED not in trial.user_attrs
+    assert trial.params["trainer.lr"] != cfg.trainer.lr
 
 
 def test_timeout_stops_starting_trials(toy_cfg: Any) -> None:

@@ -18,6 +18,7 @@ from kmnist_sweep.config.search_space import (
     to_overrides,
 )
 from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.sweep.study import config_point
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
@@ -76,6 +77,53 @@ def test_full_sweep_covers_the_issue_keys(compose_cfg: Any) -> None:
         "trainer.weight_decay",
         "trainer.label_smoothing",
     }
+
+
+@pytest.mark.parametrize("name", ["full", "full_cpu"])
+def test_the_full_sweeps_start_from_the_defaults_all_inside_their_space(
+    compose_cfg: Any, name: str
+) -> None:
+    """The shipped defaults are a point of both full spaces, so trial 0 is the single run."""
+    cfg = compose_cfg(f"+sweep={name}")
+    params = parse_space(cfg.search_space, cfg)
+    assert cfg.study.start_from_defaults
+    point, outside = config_point(params, cfg)
+    assert outside == []
+    assert point["trainer.batch_size.log2"] == cfg.trainer.batch_size.bit_length() - 1
+    for p in params:
+        if p.type != "pow2":
+            assert point[p.name] == OmegaConf.select(cfg, p.name), p.name
+            # the type the suggest call returns: an int epoch, a float smoothing
+            assert type(point[p.name]) is {"int": int, "float": float}.get(p.type, str), p.name
+
+
+def test_config_point_leaves_values_outside_the_space_to_the_sampler(compose_cfg: Any) -> None:
+    cfg = compose_cfg("trainer.lr=0.9", "trainer.batch_size=32", "trainer.epochs=7")
+    params = [
+        Param("trainer.lr", "float", low=1e-3, high=0.5, log=True),  # 0.9: above
+        Param("trainer.batch_size", "pow2", low=64, high=256),  # 32: below
+        Param("trainer.epochs", "int", low=4, high=12, step=2),  # 7: off the grid
+        Param("model.arch", "categorical", choices=("resnet18", "resnet34")),
+        Param("lr", "lr_finder", low_factor=0.1, high_factor=10),  # the finder's LR: 1x
+    ]
+    point, outside = config_point(params, cfg)
+    assert outside == ["trainer.lr", "trainer.batch_size", "trainer.epochs"]
+    assert point == {"model.arch": "resnet18", "lr.factor": 1.0}
+    point, outside = config_point(params[1:3], compose_cfg("trainer.epochs=8"))
+    assert point == {"trainer.batch_size.log2": 6, "trainer.epochs": 8} and outside == []
+
+
+def test_config_point_matches_values_by_type_and_grid_tolerance(compose_cfg: Any) -> None:
+    cfg = compose_cfg("trainer.label_smoothing=0", "trainer.epochs=7", "trainer.cutout=0")
+    params = [
+        Param("trainer.label_smoothing", "float", low=-0.3, high=0.3, step=0.1),  # 0 on the grid
+        Param("trainer.epochs", "categorical", choices=(7.0, True)),  # 7 is neither 7.0 nor True
+        Param("trainer.cutout", "categorical", choices=(False, 0)),  # 0, not False
+    ]
+    point, outside = config_point(params, cfg)
+    assert outside == ["trainer.epochs"]
+    assert point == {"trainer.label_smoothing": 0.0, "trainer.cutout": 0}
+    assert type(point["trainer.label_smoothing"]) is float and type(point["trainer.cutout"]) is int
 
 
 def test_default_config_has_an_empty_space_and_a_default_study(compose_cfg: Any) -> None:

@@ -40,6 +40,7 @@ def check_config(cfg: DictConfig) -> list[Param]:
             rule.check(key, value)
     check_batch_sizes(cfg, searched.get("trainer.batch_size"))
     check_pruner(cfg.study.pruner)
+    check_start(cfg.study)
     check_objectives(cfg)
     check_data(cfg.data)
     check_lr_finder(cfg.lr_finder)
@@ -104,6 +105,15 @@ def check_pruner(pruner_cfg: DictConfig) -> None:
         raise ConfigError(
             f"study.pruner.max_resource={max_resource} (epochs) is below "
             f"min_resource={min_resource}"
+        )
+
+
+def check_start(study_cfg: DictConfig) -> None:
+    # A grid sampler walks its grid whatever was queued: the extra trial would not count.
+    if study_cfg.get("start_from_defaults") and str(study_cfg.sampler.type) == "grid":
+        raise ConfigError(
+            "study.start_from_defaults=true does not go with study.sampler.type=grid: "
+            "the grid already holds every value"
         )
 
 

@@ -224,6 +224,7 @@ SCHEMA: dict[str, Key] = {
     "study.sampler.type": _choice("sampler", *SAMPLERS),
     "study.sampler.seed": _int("RNG seed (worker i: seed + i)", 0, nullable=True),
     "study.sampler.n_startup_trials": _int("random trials first", 0),
+    "study.start_from_defaults": _bool("queue the config's own values as trial 0"),
     "study.pruner.type": _choice("pruner", *PRUNERS),
     "study.pruner.n_startup_trials": _int("finished trials before pruning", 0),
     "study.pruner.n_warmup_steps": _int("epochs before a trial may be pruned", 0),

@@ -23,7 +23,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from kmnist_sweep.config.check import check_config
-from kmnist_sweep.config.search_space import EPOCHS_KEY, Param
+from kmnist_sweep.config.search_space import EPOCHS_KEY, Param, to_overrides
 from kmnist_sweep.errors import ConfigError, Interrupted, SweepStopped, error_line
 from kmnist_sweep.files import check_writable_dir, write_atomic
 from kmnist_sweep.masking import mask_url, scrub
@@ -45,7 +45,13 @@ from kmnist_sweep.sweep.protocol import (
     load_factory,
 )
 from kmnist_sweep.sweep.storage import STORAGE_ERRORS
-from kmnist_sweep.sweep.study import FINISHED, grid_exhausted, heartbeat_enabled, open_sweep_study
+from kmnist_sweep.sweep.study import (
+    FINISHED,
+    grid_exhausted,
+    heartbeat_enabled,
+    open_sweep_study,
+    queue_defaults,
+)
 from kmnist_sweep.sweep.worker import SLOT_LOCK, fault_limits, work
 
 log = logging.getLogger(__name__)
@@ -95,6 +101,8 @@ def run_sweep(
     write_atomic(
         plan.out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(scrub(plan.resolved)))
     )
+    if cfg.study.get("start_from_defaults"):
+        start_from_defaults(study, plan.params, cfg)
     plan.objective.prepare(study)
     if base_overrides is None:
         base_overrides = hydra_base_overrides(cfg)
@@ -171,6 +179,21 @@ def plan_sweep(cfg: DictConfig, objective_factory: Factory | None) -> Plan:
         out_dir=out_dir,
         log_dir=log_dir,
     )
+
+
+def start_from_defaults(study: optuna.Study, params: list[Param], cfg: DictConfig) -> None:
+    """Queue the config's values as a new study's trial 0 and say so (nothing on resume)."""
+    queued = queue_defaults(study, params, cfg)
+    if queued is None:
+        return
+    values, outside = queued
+    log.info("trial 0 runs the config's own values: %s", " ".join(to_overrides(values)))
+    if outside:
+        log.warning(
+            "study.start_from_defaults: the config's %s lie outside search_space; "
+            "the sampler picks them for trial 0",
+            ", ".join(outside),
+        )
 
 
 CPU_EPOCHS = 15  # epochs above which one trial is long for a CPU

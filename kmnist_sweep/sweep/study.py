@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import optuna
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -219,6 +219,71 @@ def open_sweep_study(
     pruner = build_pruner(study_cfg.pruner, epochs_searched_up_to(params))
     storage = open_study_storage(study_cfg)
     return create_or_load_study(study_cfg, storage, sampler, pruner, search_space=search_space)
+
+
+def queue_defaults(
+    study: optuna.Study, params: Sequence[Param], cfg: DictConfig
+) -> tuple[dict[str, Any], list[str]] | None:
+    """`study.start_from_defaults`: queue the config's own values as the first trial of a
+    study that holds none yet. Returns (the config values queued, keys left to the sampler),
+    or None when nothing was queued: a resumed study is left as it is, so running a sweep
+    again never adds it twice."""
+    if study.get_trials(deepcopy=False):
+        return None
+    point, outside = config_point(params, cfg)
+    if not point:
+        return None
+    # skip_if_exists: two runners that start one new study at once queue it once, mostly.
+    study.enqueue_trial(
+        point, user_attrs={trial_attrs.QUEUED: "config defaults"}, skip_if_exists=True
+    )
+    values = {p.name: OmegaConf.select(cfg, p.name) for p in params if p.type != "lr_finder"}
+    return {k: v for k, v in values.items() if k not in outside}, outside
+
+
+def config_point(params: Sequence[Param], cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:
+    """The config's own values as a point of the space, under the names and types the
+    objective suggests them by: pow2 as its exponent, an lr_finder key as factor 1 (the
+    finder's LR itself). Returns (point, keys left out): a value outside its range, grid or
+    choices is left to the sampler, so the queued trial stays inside the space."""
+    point: dict[str, Any] = {}
+    outside: list[str] = []
+    for p in params:
+        if p.type == "lr_finder":
+            if p.searched:
+                point[optuna_name(p)] = 1.0
+            continue
+        value = _inside(p, OmegaConf.select(cfg, p.name))
+        if value is _OUTSIDE:
+            outside.append(p.name)
+        else:
+            point[optuna_name(p)] = value
+    return point, outside
+
+
+_OUTSIDE = object()
+
+
+def _inside(p: Param, value: Any) -> Any:
+    """`value` as the suggest call for `p` returns it, or _OUTSIDE."""
+    if p.type == "categorical":  # by type too: True == 1 and 0 == 0.0 in Python
+        same = [c for c in p.choices if type(c) is type(value) and c == value]
+        return same[0] if same else _OUTSIDE
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _OUTSIDE
+    if p.type == "pow2":
+        lo, hi = pow2_exponents(p)
+        exponent = int(value).bit_length() - 1
+        return exponent if value == 2**exponent and lo <= exponent <= hi else _OUTSIDE
+    if p.type == "int" and value != int(value):
+        return _OUTSIDE
+    if not p.low <= value <= p.high:
+        return _OUTSIDE
+    if p.step is not None:  # on the grid, with Optuna's own tolerance
+        k = (value - p.low) / p.step
+        if abs(k - round(k)) > 1e-8:
+            return _OUTSIDE
+    return int(value) if p.type == "int" else float(value)
 
 
 def epochs_searched_up_to(params: Sequence[Param]) -> int | None:
