@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from kmnist_sweep.data.datasets import load_dataset
 from kmnist_sweep.sweep.objective import make_objective
+from kmnist_sweep.sweep.study import build_pruner, epochs_searched_up_to
 from kmnist_sweep.train import batch_size, engine
 from tests.conftest import run_cli
 
@@ -160,10 +161,46 @@ def test_long_runs_are_not_pruned_by_the_end_of_short_runs(
     assert sorted(long.intermediate_values) == list(range(10, 101, 10))
 
 
+@pytest.mark.parametrize(
+    ("n_min_trials", "state"),
+    [(1, optuna.trial.TrialState.PRUNED), (2, optuna.trial.TrialState.COMPLETE)],
+)
+def test_one_finished_trial_is_not_the_whole_jury(
+    compose_cfg: Callable[..., DictConfig],
+    tmp_path: Path,
+    n_min_trials: int,
+    state: optuna.trial.TrialState,
+) -> None:
+    """A 12-epoch trial meets a finished 10-epoch one at every 10 percent of its schedule
+    (rounded), so the median pruner can compare them. With `study.pruner.n_min_trials=1`
+    (Optuna's default) that one finished trial decides alone and, far ahead, stops the run
+    at its first epoch; with 2 the run waits for a second finished trial and completes."""
+    cfg = _cfg(
+        compose_cfg,
+        tmp_path,
+        "data.n_train=256",
+        "trainer.batch_size=64",
+        "study.pruner.n_startup_trials=1",
+        "study.pruner.n_warmup_steps=1",
+        f"study.pruner.n_min_trials={n_min_trials}",
+        "+search_space={trainer.epochs: {type: int, low: 1, high: 30}}",
+    )
+    objective = make_objective(cfg)
+    pruner = build_pruner(cfg.study.pruner, epochs_searched_up_to(objective.params))
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    _finished_trial(study, {step: 2.0 for step in range(10, 101, 10)}, {"trainer.epochs": 10})
+    study.enqueue_trial({"trainer.epochs": 12})
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[-1]
+    assert trial.state == state, trial.user_attrs.get("reason")
+    if state == optuna.trial.TrialState.PRUNED:
+        assert sorted(trial.intermediate_values) == [10]
+    else:  # epochs 3-4 and 9-10 share a step: the first report of a step stands
+        assert sorted(trial.intermediate_values) == list(range(10, 101, 10))
+
+
 def test_the_budget_follows_the_searched_epochs() -> None:
     from omegaconf import OmegaConf
-
-    from kmnist_sweep.sweep.study import build_pruner
 
     cfg = OmegaConf.create(
         {"type": "hyperband", "min_resource": 1, "max_resource": 10, "reduction_factor": 3}

@@ -228,6 +228,7 @@ SCHEMA: dict[str, Key] = {
     "study.pruner.type": _choice("pruner", *PRUNERS),
     "study.pruner.n_startup_trials": _int("finished trials before pruning", 0),
     "study.pruner.n_warmup_steps": _int("epochs before a trial may be pruned", 0),
+    "study.pruner.n_min_trials": _int("finished trials a step's median needs", 1),
     "study.pruner.min_resource": _int("epochs every trial gets"),
     "study.pruner.max_resource": _int("epochs of a trial never stopped"),
     "study.pruner.reduction_factor": _int("1 in this many trials go on at each rung"),

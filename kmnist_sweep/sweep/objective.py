@@ -219,8 +219,9 @@ class _TrialRun:
         self.reported: set[int] = set()
         self.epochs = int(trial_cfg.trainer.epochs)
         # When the length of the schedule is searched, trials report at the fraction of
-        # their own one-cycle schedule done (percent), so the pruner compares a 30-epoch run
-        # half-way with a 5-epoch run half-way, not with its annealed end.
+        # their own one-cycle schedule done (percent, to the nearest 10), so the pruner
+        # compares a 30-epoch run half-way with a 5-epoch run half-way, not with its
+        # annealed end; rounding lets a 12-epoch run meet 10- and 8-epoch ones at most steps.
         self.by_fraction = any(p.name == "trainer.epochs" for p in objective.params)
         self.warmup = int(objective.cfg.study.pruner.get("n_warmup_steps", 0) or 0)
 
@@ -242,8 +243,9 @@ class _TrialRun:
         )
 
     def step(self, epoch: int) -> int:
-        """The pruner's step for an epoch: the epoch, or the percent of the schedule done."""
-        return round(100 * epoch / self.epochs) if self.by_fraction else epoch
+        """The pruner's step for an epoch: the epoch, or the percent of the schedule done,
+        to the nearest 10 (half up)."""
+        return 10 * int(10 * epoch / self.epochs + 0.5) if self.by_fraction else epoch
 
     def report(self, epoch: int, metrics: dict[str, float]) -> None:
         metric, trial = self.objective.metric, self.trial

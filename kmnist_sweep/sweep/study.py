@@ -107,6 +107,9 @@ def build_pruner(
             n_startup_trials=int(pruner_cfg.get("n_startup_trials", 5)),
             # By fraction the objective also holds each trial back for its own first epochs.
             n_warmup_steps=int(pruner_cfg.get("n_warmup_steps", 0)),
+            # With 1, one finished trial is the whole jury at a step: after a strong trial 0
+            # (study.start_from_defaults) every run that trails it mid-schedule is stopped.
+            n_min_trials=int(pruner_cfg.get("n_min_trials", 1)),
         )
     min_resource = int(pruner_cfg.get("min_resource", 1))
     reduction = int(pruner_cfg.get("reduction_factor", 3))
