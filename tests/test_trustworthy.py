@@ -18,7 +18,7 @@ from fastai.callback.core import Callback
 from omegaconf import DictConfig
 
 from kmnist_sweep.data.datasets import load_dataset
-from kmnist_sweep.sweep.objective import make_objective
+from kmnist_sweep.sweep.objective import make_objective, report_steps
 from kmnist_sweep.sweep.study import build_pruner, epochs_searched_up_to
 from kmnist_sweep.train import batch_size, engine
 from tests.conftest import run_cli
@@ -162,19 +162,21 @@ def test_long_runs_are_not_pruned_by_the_end_of_short_runs(
 
 
 @pytest.mark.parametrize(
-    ("n_min_trials", "state"),
-    [(1, optuna.trial.TrialState.PRUNED), (2, optuna.trial.TrialState.COMPLETE)],
+    ("n_min_trials", "steps"),
+    [(1, [10]), (2, [10, 20]), (3, list(range(10, 101, 10)))],
 )
-def test_one_finished_trial_is_not_the_whole_jury(
+def test_the_median_needs_n_min_trials_finished_trials_at_a_step(
     compose_cfg: Callable[..., DictConfig],
     tmp_path: Path,
     n_min_trials: int,
-    state: optuna.trial.TrialState,
+    steps: list[int],
 ) -> None:
-    """A 12-epoch trial meets a finished 10-epoch one at every 10 percent of its schedule
-    (rounded), so the median pruner can compare them. With `study.pruner.n_min_trials=1`
-    (Optuna's default) that one finished trial decides alone and, far ahead, stops the run
-    at its first epoch; with 2 the run waits for a second finished trial and completes."""
+    """A 12-epoch trial after a finished 10-epoch and a finished 6-epoch trial, both far
+    ahead. Steps are the percent of each schedule done, on a 10% grid: the 10-epoch trial
+    reported at 10, 20, ..., the 6-epoch one at 20, 30, 50, 70, 80, 100. With
+    `study.pruner.n_min_trials=1` (Optuna's default) the 10-epoch trial alone stops the run at
+    step 10; with 2, the run goes on to step 20, the first both reached; with 3, two finished
+    trials are never enough and it completes, reporting at every step of the grid."""
     cfg = _cfg(
         compose_cfg,
         tmp_path,
@@ -188,15 +190,27 @@ def test_one_finished_trial_is_not_the_whole_jury(
     objective = make_objective(cfg)
     pruner = build_pruner(cfg.study.pruner, epochs_searched_up_to(objective.params))
     study = optuna.create_study(direction="maximize", pruner=pruner)
-    _finished_trial(study, {step: 2.0 for step in range(10, 101, 10)}, {"trainer.epochs": 10})
+    ahead = {"10": range(10, 101, 10), "6": [20, 30, 50, 70, 80, 100]}
+    for epochs, reported in ahead.items():
+        _finished_trial(study, dict.fromkeys(reported, 2.0), {"trainer.epochs": int(epochs)})
     study.enqueue_trial({"trainer.epochs": 12})
     study.optimize(objective, n_trials=1)
     trial = study.trials[-1]
-    assert trial.state == state, trial.user_attrs.get("reason")
-    if state == optuna.trial.TrialState.PRUNED:
-        assert sorted(trial.intermediate_values) == [10]
-    else:  # epochs 3-4 and 9-10 share a step: the first report of a step stands
-        assert sorted(trial.intermediate_values) == list(range(10, 101, 10))
+    complete = steps[-1] == 100
+    expected = optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.PRUNED
+    assert trial.state == expected, trial.user_attrs.get("reason")
+    assert sorted(trial.intermediate_values) == steps
+
+
+def test_each_grid_step_goes_to_the_nearest_epoch() -> None:
+    """12 epochs: epochs 3 (25%) and 9 (75%) report nothing, as 4 (33%) and 10 (83%) are
+    nearer to 30 and 80; a 30-epoch run reports every third epoch; exact percent off the grid."""
+    assert report_steps(12, 10) == {
+        1: 10, 2: 20, 4: 30, 5: 40, 6: 50, 7: 60, 8: 70, 10: 80, 11: 90, 12: 100
+    }  # fmt: skip
+    assert report_steps(30, 10) == {3 * k: 10 * k for k in range(1, 11)}
+    assert report_steps(2, 10) == {1: 50, 2: 100}
+    assert report_steps(7, 1) == {1: 14, 2: 29, 3: 43, 4: 57, 5: 71, 6: 86, 7: 100}
 
 
 def test_the_budget_follows_the_searched_epochs() -> None:

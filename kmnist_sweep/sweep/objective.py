@@ -202,6 +202,23 @@ def performance(result: engine.TrainResult) -> dict[str, Any]:
     }
 
 
+def report_steps(epochs: int, grid: int) -> dict[int, int]:
+    """Epoch -> the pruner step it reports at: the percent of a schedule of `epochs` done,
+    on a grid of `grid` percent. The median pruner compares trials only at a step they all
+    reported, so its grid is 10: a 12-epoch run then meets 10- and 8-epoch runs at most
+    steps. Each step goes to the epoch nearest it (the earlier on a tie); an epoch nearest
+    to no step reports nothing, so a step never holds a value from further from it than
+    needed, and none is below `grid` (the first epochs of a long run report nothing)."""
+    nearest: dict[int, int] = {}  # step -> epoch
+    for epoch in range(1, epochs + 1):
+        # The grid point nearest 100 * epoch / epochs, half up, in integers (no float ties).
+        step = max(grid, grid * ((200 * epoch + grid * epochs) // (2 * grid * epochs)))
+        distance = abs(100 * epoch - step * epochs)  # in units of 1/epochs percent
+        if step not in nearest or distance < abs(100 * nearest[step] - step * epochs):
+            nearest[step] = epoch
+    return {epoch: step for step, epoch in nearest.items()}
+
+
 class _TrialRun:
     """One trial's attempts: each at a batch size, restarted from scratch after a halving."""
 
@@ -218,12 +235,18 @@ class _TrialRun:
         self.factors = factors  # searched key -> multiple of the LR finder's suggestion
         self.reported: set[int] = set()
         self.epochs = int(trial_cfg.trainer.epochs)
-        # When the length of the schedule is searched, trials report at the fraction of
-        # their own one-cycle schedule done (percent, to the nearest 10), so the pruner
-        # compares a 30-epoch run half-way with a 5-epoch run half-way, not with its
-        # annealed end; rounding lets a 12-epoch run meet 10- and 8-epoch ones at most steps.
+        # When the length of the schedule is searched, trials report at the percent of their
+        # own one-cycle schedule done, so the pruner compares a 30-epoch run half-way with a
+        # 5-epoch run half-way, not with its annealed end (`report_steps`).
         self.by_fraction = any(p.name == "trainer.epochs" for p in objective.params)
-        self.warmup = int(objective.cfg.study.pruner.get("n_warmup_steps", 0) or 0)
+        pruner = objective.cfg.study.pruner
+        grid = 10 if str(pruner.get("type")) == "median" else 1
+        self.steps = (
+            report_steps(self.epochs, grid)
+            if self.by_fraction
+            else {e: e for e in range(1, self.epochs + 1)}
+        )
+        self.warmup = int(pruner.get("n_warmup_steps", 0) or 0)
 
     def attempt(self, bs: int) -> engine.TrainResult:
         obj, trial = self.objective, self.trial
@@ -242,11 +265,6 @@ class _TrialRun:
             cbs=batch_size.guards(obj.cfg.batch_size),
         )
 
-    def step(self, epoch: int) -> int:
-        """The pruner's step for an epoch: the epoch, or the percent of the schedule done,
-        to the nearest 10 (half up)."""
-        return 10 * int(10 * epoch / self.epochs + 0.5) if self.by_fraction else epoch
-
     def report(self, epoch: int, metrics: dict[str, float]) -> None:
         metric, trial = self.objective.metric, self.trial
         if self.objective.tracker is not None:
@@ -257,7 +275,9 @@ class _TrialRun:
             raise KeyError(f"study.metric={metric!r} is not one of {sorted(metrics)}")
         # After a halving the run restarts: the first attempt's reports for these epochs
         # stand (Optuna keeps the first value of a step anyway).
-        step = self.step(epoch)
+        step = self.steps.get(epoch)
+        if step is None:
+            return  # an epoch between two grid steps: neither reported nor judged
         if step not in self.reported:
             self.reported.add(step)
             trial.report(metrics[metric], step=step)

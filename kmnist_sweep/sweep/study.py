@@ -94,8 +94,9 @@ def build_pruner(
     """The pruner named by `study.pruner.type`; its resource is the epoch.
 
     When the number of epochs is searched (up to `longest_epochs`), trials report at
-    the percent of their own schedule done (sweep/objective.py), and the resource is that
-    percent: Hyperband's budget is the whole schedule (100) whatever its length, min_resource
+    the percent of their own schedule done (sweep/objective.py; on a 10% grid for the
+    median pruner, which compares trials only at a step they share), and the resource is
+    that percent: Hyperband's budget is the whole schedule (100) whatever its length, min_resource
     the same share of the longest schedule, and the median pruner's warm-up is counted in
     each trial's own epochs by the objective."""
     kind = str(pruner_cfg.get("type", "none"))
