@@ -100,10 +100,11 @@ def test_constraint_values() -> None:
 def test_injected_oom_in_real_training_halves_twice(
     compose_cfg: Callable[..., DictConfig],
 ) -> None:
-    # 4096 images: 8 steps per epoch even at batch 512, so step 3 of epoch 2 exists.
+    # 2,304 images, 2,074 of them for training: 4 steps per epoch at batch 512 (the last,
+    # partial batch is dropped), so step 3 of epoch 2 exists.
     cfg = compose_cfg(
         "data=synthetic",
-        "data.n_train=4096",
+        "data.n_train=2304",
         "data.image_size=16",
         "trainer.epochs=2",
         "+batch_size.inject_oom={above: 128, epoch: 2, step: 3}",

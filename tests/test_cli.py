@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import subprocess
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
@@ -86,6 +88,7 @@ def test_batchsize_sweep_on_kmnist_sample_and_retrain_best(tmp_path: Path) -> No
         assert "trainer.batch_size.log2" in config["params"]
     leaked = [p for p in out_dir.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
     assert leaked == []
+    assert_no_test_metric(sweep.stdout, tmp_path, out_dir)
     assert any(o.startswith("trainer.batch_size=") for o in best["overrides"])
     retrain = cli(*best["overrides"], cwd=tmp_path)
     assert retrain.returncode == 0, retrain.stderr[-3000:]
@@ -93,3 +96,27 @@ def test_batchsize_sweep_on_kmnist_sample_and_retrain_best(tmp_path: Path) -> No
     assert found, retrain.stdout[-2000:]
     assert float(found.group(1)) == pytest.approx(best["value"], abs=1e-4)
     assert "not the official" in retrain.stdout
+
+
+def assert_no_test_metric(stdout: str, root: Path, out_dir: Path) -> None:
+    """The test split is for the final evaluation only: after a sweep, no trial attribute,
+    trials.csv column, wandb record or file of the study holds a test metric."""
+    summary = [line for line in stdout.splitlines() if line.startswith("study ")][-1]
+    value = summary.split("best val/acc ")[1].split(" ")[0]
+    assert len(value.split(".")[1]) == 4, summary  # rounded, not 0.9599999785423279
+    study = optuna.load_study(
+        study_name="batchsize-kmnist_sample",
+        storage=f"sqlite:///{root}/storage/batchsize-kmnist_sample.db",
+    )
+    assert study.metric_names == ["val/acc"]
+    stored = json.dumps([study.user_attrs, [t.user_attrs for t in study.trials]])
+    # No metric of the test split (the sample's note may still name the test images).
+    assert re.findall(r"test[/_]", stored.lower()) == [], stored
+    header = (out_dir / "trials.csv").read_text().splitlines()[0]
+    assert "test" not in header.lower()
+    files = [p for p in out_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files), "no offline wandb run was written"
+    for path in files:
+        data = path.read_bytes()
+        assert b"test/acc" not in data and b"test/loss" not in data, path
+        assert b"test_preds" not in data and path.name != "test_preds.npz", path

@@ -44,13 +44,13 @@ def shown(out: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    """(working folder, bundle, final's stdout): a one-trial batch-size sweep of one epoch,
-    then `final` on it for FINAL_EPOCHS epochs."""
+    """(working folder, bundle, final's stdout): a one-trial batch-size sweep (its LR range
+    test, no epoch: the trial only names a config), then `final` on it for FINAL_EPOCHS."""
     root = tmp_path_factory.mktemp("final")
     sweep = cli(
         "+sweep=batchsize",
         "data=kmnist_sample",
-        "trainer.epochs=1",
+        "trainer.epochs=0",
         "study.n_trials=1",
         "++search_space.trainer.batch_size.low=128",
         "++search_space.trainer.batch_size.high=128",

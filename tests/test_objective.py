@@ -34,7 +34,7 @@ def test_injected_oom_trial_completes_at_128_with_two_halvings(
     cfg = _cfg(
         compose_cfg,
         tmp_path,
-        "data.n_train=4096",
+        "data.n_train=2304",  # 2,074 training images: 4 steps at batch 512, so step 3 exists
         "data.image_size=16",
         "+search_space={trainer.batch_size: {type: pow2, low: 512, high: 512}}",
         "+batch_size.inject_oom={above: 128, epoch: 2, step: 3}",

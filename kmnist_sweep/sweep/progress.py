@@ -76,6 +76,16 @@ def describe_trial(t: FrozenTrial, metrics: Sequence[str]) -> str:
     value = "".join(f" {m}={v:.4f}" for m, v in zip(metrics, t.values or [], strict=False))
     if t.state == TrialState.PRUNED and t.intermediate_values:
         step = max(t.intermediate_values)
-        value = f" at epoch {step}: {metrics[0]}={t.intermediate_values[step]:.4f}"
+        value = f" at {pruned_where(t, step)}: {metrics[0]}={t.intermediate_values[step]:.4f}"
     seconds = f" ({t.duration.total_seconds():.1f} s)" if t.duration else ""
     return f"trial {t.number} {t.state.name.lower()}{value} {' '.join(overrides)}{seconds}"
+
+
+def pruned_where(t: FrozenTrial, step: int) -> str:
+    """`epoch 4 (40% of its schedule)` when epochs are searched (the pruner's steps are then
+    percents of each trial's schedule, `objective.report_steps`), else `epoch 4`."""
+    reason = str(t.user_attrs.get(trial_attrs.REASON, ""))
+    epoch = reason.removeprefix("pruned at epoch ")
+    if epoch == reason or not epoch.isdigit() or int(epoch) == step:
+        return f"epoch {step}"
+    return f"epoch {epoch} ({step}% of its schedule)"
