@@ -30,6 +30,7 @@ QUEUED = "queued"  # why the runner queued the trial's values (study.start_from_
 OVERRIDES = "overrides"  # Hydra overrides that retrain the trial exactly (list[str])
 NOTE = "note"  # the dataset's protocol note, e.g. kmnist_sample is not the official split
 REASON = "reason"  # why a trial was pruned (one line)
+PRUNED_AT = "pruned at epoch "  # REASON of a trial the pruner stopped, before its epoch
 BATCH_REQUESTED = "batch_size/requested"  # images per step the sampler asked for
 BATCH_EFFECTIVE = "batch_size/effective"  # images per step of the attempt that counted
 BATCH_FITTED = "batch_size/fitted"  # False: not even batch_size.min fitted (the constraint)

@@ -288,7 +288,7 @@ class _TrialRun:
         if epoch == self.epochs:
             return  # the run is done: stopping it now would save nothing
         if trial.should_prune():
-            trial.set_user_attr(trial_attrs.REASON, f"pruned at epoch {epoch}")
+            trial.set_user_attr(trial_attrs.REASON, f"{trial_attrs.PRUNED_AT}{epoch}")
             raise optuna.TrialPruned(f"{metric}={metrics[metric]:.4f} at epoch {epoch}")
 
     def halved(self, h: batch_size.Halving) -> None:

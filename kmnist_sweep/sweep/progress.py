@@ -85,7 +85,7 @@ def pruned_where(t: FrozenTrial, step: int) -> str:
     """`epoch 4 (40% of its schedule)` when epochs are searched (the pruner's steps are then
     percents of each trial's schedule, `objective.report_steps`), else `epoch 4`."""
     reason = str(t.user_attrs.get(trial_attrs.REASON, ""))
-    epoch = reason.removeprefix("pruned at epoch ")
+    epoch = reason.removeprefix(trial_attrs.PRUNED_AT)
     if epoch == reason or not epoch.isdigit() or int(epoch) == step:
         return f"epoch {step}"
     return f"epoch {epoch} ({step}% of its schedule)"
