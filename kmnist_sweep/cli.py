@@ -9,6 +9,11 @@
 
 Every error in the user's input is one line on stderr and exit status 2; a sweep stopped
 for another reason is one line and exit 1; Ctrl-C/SIGTERM exit 130/143.
+
+A command imports the layers it runs when it runs, the one place in the package that
+imports inside functions (docs/design.md): fastai and the training stack take seconds to
+import, and the config, storage and argument checks that come first need none of it, so
+bad input is answered without that wait.
 """
 
 from __future__ import annotations
@@ -26,21 +31,18 @@ from omegaconf import DictConfig, OmegaConf
 import kmnist_sweep  # noqa: F401  (torchvision compat before fastai loads)
 from kmnist_sweep.config.check import check_config
 from kmnist_sweep.config.compose import CONF_DIR, preflight
-from kmnist_sweep.data.datasets import load_dataset
 from kmnist_sweep.errors import Interrupted, SweepStopped, UserError
 from kmnist_sweep.masking import mask_url, scrub, scrub_text
-from kmnist_sweep.results import predict
-from kmnist_sweep.results.report import report_sweep
-from kmnist_sweep.sweep.final import run_final
-from kmnist_sweep.sweep.runner import run_sweep
 from kmnist_sweep.sweep.storage import copy_study, open_storage
-from kmnist_sweep.train import engine
 
 T = TypeVar("T")
 
 
 def train_once(cfg: DictConfig) -> float:
     """Train one model from the composed config; print per-epoch and final test metrics."""
+    from kmnist_sweep.data.datasets import load_dataset
+    from kmnist_sweep.train import engine
+
     dataset = load_dataset(cfg.data)
     if dataset.note:
         print(f"note: {dataset.note}", flush=True)
@@ -62,6 +64,8 @@ def train_once(cfg: DictConfig) -> float:
 
 def sweep(cfg: DictConfig) -> float | None:
     """Run the sweep `+sweep=NAME` composed; print its summary line."""
+    from kmnist_sweep.sweep.runner import run_sweep  # checks the config before any work
+
     summary = run_sweep(cfg)
     if len(summary.metrics) > 1:
         # Several objectives have no best trial: the front's trials, each with its values.
@@ -92,6 +96,8 @@ def _rounded(value: float | None) -> str:
 
 def report_only(cfg: DictConfig) -> None:
     """`python -m kmnist_sweep report +sweep=NAME ...`: rewrite an existing study's report."""
+    from kmnist_sweep.results.report import report_sweep
+
     storage = open_storage(str(cfg.study.storage))
     try:
         study = optuna.load_study(study_name=str(cfg.study.name), storage=storage)
@@ -195,6 +201,8 @@ def final_cli(args: list[str]) -> None:
     )
     parser.add_argument("--storage", help="the study's storage URL, if not config.yaml's")
     ns = parser.parse_intermixed_args(args)  # overrides may follow --trial N
+    from kmnist_sweep.sweep.final import run_final
+
     result = guarded(lambda: run_final(ns.study_dir, ns.trial, ns.out, ns.overrides, ns.storage))
     key = f"test/{result.metric}"
     line = (
@@ -217,6 +225,7 @@ def predict_cli(args: list[str]) -> None:
     parser.add_argument("--top-k", type=int, default=3, help="characters per image (default 3)")
     parser.add_argument("--csv", type=Path, help="also write image,rank,class,character,... here")
     ns = parser.parse_intermixed_args(args)  # images may follow --top-k K
+    from kmnist_sweep.results import predict
 
     preds = guarded(lambda: predict.run_predict(ns.bundle, ns.images, ns.top_k, ns.csv))
     for pred in preds:
