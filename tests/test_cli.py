@@ -56,6 +56,7 @@ def test_batchsize_sweep_on_kmnist_sample_and_retrain_best(tmp_path: Path) -> No
         env={"WANDB_MODE": "offline", "WANDB_API_KEY": API_KEY},
     )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert "Warning" not in sweep.stderr, sweep.stderr[-3000:]  # e.g. fastai's, in the range test
     assert (tmp_path / "storage" / "batchsize-kmnist_sample.db").exists()
     out_dir = tmp_path / "sweeps" / "batchsize-kmnist_sample"
     best = yaml.safe_load((out_dir / "best.yaml").read_text())

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -177,7 +178,7 @@ def range_test(learn: Learner, fcfg: DictConfig) -> tuple[list[float], list[floa
     """Run fastai's range test on `learn`; its weights are restored afterwards."""
     saved_smoother = learn.recorder.smooth_loss
     # The Recorder's loss smoothing is the curve's: lr_finder.beta sets it for the test.
-    learn.recorder.smooth_loss = AvgSmoothLoss(beta=float(fcfg.beta))
+    set_smoother(learn, AvgSmoothLoss(beta=float(fcfg.beta)))
     with tempfile.TemporaryDirectory() as tmp:
         saved_path = learn.path
         learn.path = Path(tmp)  # fastai saves the weights here to restore them afterwards
@@ -192,9 +193,18 @@ def range_test(learn: Learner, fcfg: DictConfig) -> tuple[list[float], list[floa
                 )
         finally:
             learn.path = saved_path
-            learn.recorder.smooth_loss = saved_smoother
+            set_smoother(learn, saved_smoother)
             engine.close_autocast(learn)
     return [float(v) for v in learn.recorder.lrs], [float(v) for v in learn.recorder.losses]
+
+
+def set_smoother(learn: Learner, smoother: AvgSmoothLoss) -> None:
+    """The Recorder's loss smoother. The Recorder is a fastai Callback, and a Callback warns
+    on setting any name the Learner also answers to, as it does to smooth_loss (through the
+    Recorder itself): that warning reached every user's terminal, about nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are shadowing an attribute")
+        learn.recorder.smooth_loss = smoother
 
 
 def run_range_test(cfg: DictConfig, dataset: Dataset, batch_size: int) -> Curve:
