@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -12,7 +15,9 @@ from kmnist_sweep.config.check import check_batch_sizes
 from kmnist_sweep.config.schema import SCHEMA
 from kmnist_sweep.data.datasets import load_dataset
 from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.results.batchsize import plot_sizes, size_answer
 from kmnist_sweep.train import batch_size, engine
+from tests.conftest import run_cli
 
 
 def check_batch(value: object) -> None:
@@ -145,3 +150,41 @@ def test_guard_leaves_healthy_training_alone(compose_cfg: Callable[..., DictConf
         cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg.batch_size)
     )
     assert len(result.history) == 1
+
+
+def test_a_halved_size_is_shown_as_halved_never_as_its_own_answer(tmp_path: Path) -> None:
+    """A batch-size sweep (32, 64, 128) through the CLI where 128 runs out of memory on its
+    first step (injected) and trains at 64: the answer, the report's table and the figure
+    give 128 no figure of its own, and it cannot be recommended for 64's speed."""
+    out = run_cli(
+        "+sweep=batchsize",
+        "data=synthetic",
+        "data.n_train=1024",
+        "data.image_size=16",
+        "trainer.epochs=1",
+        "++search_space.trainer.batch_size.high=128",
+        "study.n_trials=3",
+        "lr_finder.num_it=20",
+        "+batch_size.inject_oom={above: 64, epoch: 1, step: 1}",
+        "tracking=disabled",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = re.search(r"^batch size: use (\d+) .*$", out.stdout + out.stderr, re.M)
+    assert answer, out.stdout[-3000:]
+    assert answer[1] in {"32", "64"}
+    assert "halved, so not measured at their own size: 128 (oom -> 64)" in answer[0]
+    html = (tmp_path / "sweeps" / "batchsize-synthetic" / "report" / "report.html").read_text()
+    assert re.search(r"<td>128</td>\s*<td>64 \(oom\)</td>", html), html[-4000:]
+
+    storage = f"sqlite:///{tmp_path / 'storage' / 'batchsize-synthetic.db'}"
+    study = optuna.load_study(study_name="batchsize-synthetic", storage=storage)
+    found = size_answer(study, "val/acc", n_valid=100)
+    assert found is not None and found.pick is not None
+    [halved] = [r for r in found.rows if r.requested == 128]
+    assert (halved.effective, halved.halved_by, halved.measured) == (64, "oom", False)
+    axes = plot_sizes(found.rows, found.pick, "val/acc").axes
+    accuracy, halved_marks = axes[0].lines[:2]
+    assert list(accuracy.get_xdata()) == [32, 64]  # 128 has no accuracy of its own
+    assert list(halved_marks.get_xdata()) == [128]
+    assert list(axes[1].lines[0].get_xdata()) == [32, 64]  # nor a speed

@@ -8,6 +8,9 @@ which LR, and which size to pick.
 The rule, written under the figure: take the best validation metric; every size whose
 metric is within two standard errors of it (the binomial noise of an accuracy measured on
 `n_valid` images) is as good; of those, recommend the one with the most images per second.
+A trial that was halved (out of memory, or a loss that did not fall) trained at a smaller
+size than its own: its figures are that size's, so it is shown as halved and never counted
+for the size it asked for.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ class SizeRow:
     seconds_per_epoch: float | None
     peak_mb: float | None  # MiB
     lr: float | None  # peak LR per step the trial trained at
+    halved_by: str | None = None  # why the first halving happened (oom, diverged); None: none
+
+    @property
+    def measured(self) -> bool:
+        """Its figures are its own size's: it trained at the size it asked for."""
+        return self.fitted and self.effective == self.requested
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ def size_rows(study: optuna.Study, index: int = 0) -> list[SizeRow]:
         if requested is None:
             continue
         complete = t.state == TrialState.COMPLETE and t.values is not None
+        halvings = attrs.get(trial_attrs.BATCH_HALVINGS) or []
         rows.append(
             SizeRow(
                 requested=requested,
@@ -67,14 +77,16 @@ def size_rows(study: optuna.Study, index: int = 0) -> list[SizeRow]:
                 seconds_per_epoch=attrs.get(trial_attrs.SECONDS_PER_EPOCH),
                 peak_mb=attrs.get(trial_attrs.PEAK_MEMORY_MB),
                 lr=attrs.get(trial_attrs.LR_VALUE),
+                halved_by=str(halvings[0].get("cause", "?")) if halvings else None,
             )
         )
     return sorted(rows, key=lambda r: r.requested)
 
 
 def recommend(rows: list[SizeRow], n_valid: int, maximize: bool = True) -> Recommendation | None:
-    """Best metric; among the sizes within two standard errors of it, the fastest."""
-    done = [r for r in rows if r.value is not None and r.images_per_s]
+    """Best metric; among the sizes within two standard errors of it, the fastest. Only
+    trials that trained at the size they asked for count."""
+    done = [r for r in rows if r.measured and r.value is not None and r.images_per_s]
     if not done:
         return None
     sign = 1.0 if maximize else -1.0
@@ -85,12 +97,15 @@ def recommend(rows: list[SizeRow], n_valid: int, maximize: bool = True) -> Recom
         r for r in done if sign * (float(best.value or 0.0) - float(r.value or 0.0)) <= 2 * noise
     ]
     pick = max(close, key=lambda r: float(r.images_per_s or 0.0))
-    fitted = [r.requested for r in rows if r.fitted and r.effective == r.requested]
+    fitted = [r.requested for r in rows if r.measured]
     rule = (
         f"best {best.value:.4f} at batch {best.requested}; sizes within 2 standard errors "
         f"({2 * noise:.4f}, binomial on {n_valid} validation images) count as equally good; "
         f"of those, batch {pick.requested} trains fastest ({pick.images_per_s:.0f} images/s)"
     )
+    halved = [f"{r.requested} ({r.halved_by} -> {r.effective})" for r in rows if r.halved_by]
+    if halved:
+        rule += f"; halved, so not measured at their own size: {', '.join(halved)}"
     return Recommendation(
         batch_size=pick.requested,
         value=float(pick.value or 0.0),
@@ -106,15 +121,36 @@ def plot_sizes(rows: list[SizeRow], pick: Recommendation | None, metric: str) ->
     fig = Figure(figsize=(7, 4.2))
     ax = fig.add_subplot()
     sizes = [r.requested for r in rows]
-    shown = [r for r in rows if r.value is not None]
+    shown = [r for r in rows if r.measured and r.value is not None]
     values = [float(r.value or 0.0) for r in shown]
     ax.plot([r.requested for r in shown], values, "o-", color="tab:blue")
+    halved = [r for r in rows if r.halved_by]
+    if halved:  # at the foot of the axis: they have no figure of their own
+        foot = min(values, default=0.0)
+        ax.plot(
+            [r.requested for r in halved],
+            [foot] * len(halved),
+            "x",
+            color="tab:red",
+            ms=9,
+            label="halved: trained at a smaller size",
+        )
+        for r in halved:
+            ax.annotate(
+                f"{r.halved_by}\n-> {r.effective}",
+                (r.requested, foot),
+                textcoords="offset points",
+                xytext=(0, 8),
+                ha="center",
+                fontsize=7,
+                color="tab:red",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("batch size (images per step)")
     ax.set_ylabel(metric, color="tab:blue")
     speed = ax.twinx()
-    fast = [r for r in rows if r.images_per_s]
+    fast = [r for r in rows if r.measured and r.images_per_s]
     rates = [float(r.images_per_s or 0.0) for r in fast]
     speed.plot([r.requested for r in fast], rates, "s--", color="tab:orange")
     speed.set_ylabel("training images/s", color="tab:orange")
@@ -129,6 +165,7 @@ def plot_sizes(rows: list[SizeRow], pick: Recommendation | None, metric: str) ->
                 ls=":",
                 label=f"largest fitted: {pick.largest_fitted}",
             )
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower left", fontsize=8)
     ax.set_title("Batch size: accuracy and speed")
     fig.tight_layout()
@@ -172,7 +209,7 @@ def size_table(answer: SizeAnswer) -> list[list[str]]:
     return [header] + [
         [
             str(r.requested),
-            str(r.effective) if r.fitted else "did not fit",
+            _trained_at(r),
             _cell(r.value, ".4f"),
             _cell(r.images_per_s, ".0f"),
             _cell(r.seconds_per_epoch, ".2f"),
@@ -181,6 +218,12 @@ def size_table(answer: SizeAnswer) -> list[list[str]]:
         ]
         for r in answer.rows
     ]
+
+
+def _trained_at(row: SizeRow) -> str:
+    if not row.fitted:
+        return "did not fit"
+    return f"{row.effective} ({row.halved_by})" if row.halved_by else str(row.effective)
 
 
 def _cell(value: float | None, spec: str) -> str:
