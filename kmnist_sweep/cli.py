@@ -12,8 +12,9 @@ for another reason is one line and exit 1; Ctrl-C/SIGTERM exit 130/143.
 
 A command imports the layers it runs when it runs, the one place in the package that
 imports inside functions (docs/design.md): fastai and the training stack take seconds to
-import, and the config, storage and argument checks that come first need none of it, so
-bad input is answered without that wait.
+import, and the checks that come first (a run's or sweep's config, a study's storage and
+name, every command's arguments) need none of it, so that bad input is answered without
+that wait.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import hydra
 import optuna
@@ -34,6 +35,9 @@ from kmnist_sweep.config.compose import CONF_DIR, preflight
 from kmnist_sweep.errors import Interrupted, SweepStopped, UserError
 from kmnist_sweep.masking import mask_url, scrub, scrub_text
 from kmnist_sweep.sweep.storage import copy_study, open_storage
+
+if TYPE_CHECKING:
+    from kmnist_sweep.sweep.final import FinalResult
 
 T = TypeVar("T")
 
@@ -96,8 +100,6 @@ def _rounded(value: float | None) -> str:
 
 def report_only(cfg: DictConfig) -> None:
     """`python -m kmnist_sweep report +sweep=NAME ...`: rewrite an existing study's report."""
-    from kmnist_sweep.results.report import report_sweep
-
     storage = open_storage(str(cfg.study.storage))
     try:
         study = optuna.load_study(study_name=str(cfg.study.name), storage=storage)
@@ -105,6 +107,8 @@ def report_only(cfg: DictConfig) -> None:
         raise UserError(
             f"no study {cfg.study.name!r} in {mask_url(str(cfg.study.storage))}"
         ) from None
+    from kmnist_sweep.results.report import report_sweep
+
     print(f"report: {report_sweep(study, cfg)}", flush=True)
 
 
@@ -201,9 +205,13 @@ def final_cli(args: list[str]) -> None:
     )
     parser.add_argument("--storage", help="the study's storage URL, if not config.yaml's")
     ns = parser.parse_intermixed_args(args)  # overrides may follow --trial N
-    from kmnist_sweep.sweep.final import run_final
 
-    result = guarded(lambda: run_final(ns.study_dir, ns.trial, ns.out, ns.overrides, ns.storage))
+    def fit() -> FinalResult:  # guarded from its import on: Ctrl-C there is exit 130 too
+        from kmnist_sweep.sweep.final import run_final
+
+        return run_final(ns.study_dir, ns.trial, ns.out, ns.overrides, ns.storage)
+
+    result = guarded(fit)
     key = f"test/{result.metric}"
     line = (
         f"final: {key} {result.metrics[key]:.4f} on {int(result.metrics['test/images'])} "
@@ -225,11 +233,15 @@ def predict_cli(args: list[str]) -> None:
     parser.add_argument("--top-k", type=int, default=3, help="characters per image (default 3)")
     parser.add_argument("--csv", type=Path, help="also write image,rank,class,character,... here")
     ns = parser.parse_intermixed_args(args)  # images may follow --top-k K
-    from kmnist_sweep.results import predict
 
-    preds = guarded(lambda: predict.run_predict(ns.bundle, ns.images, ns.top_k, ns.csv))
-    for pred in preds:
-        print(predict.format_line(pred))
+    def classify() -> list[str]:  # guarded from its import on: Ctrl-C there is exit 130 too
+        from kmnist_sweep.results import predict
+
+        preds = predict.run_predict(ns.bundle, ns.images, ns.top_k, ns.csv)
+        return [predict.format_line(pred) for pred in preds]
+
+    for line in guarded(classify):
+        print(line)
     sys.stdout.flush()
 
 

@@ -15,7 +15,14 @@ from kmnist_sweep.config.check import check_batch_sizes
 from kmnist_sweep.config.schema import SCHEMA
 from kmnist_sweep.data.datasets import load_dataset
 from kmnist_sweep.errors import ConfigError
-from kmnist_sweep.results.batchsize import plot_sizes, size_answer
+from kmnist_sweep.results.batchsize import (
+    SizeAnswer,
+    SizeRow,
+    plot_sizes,
+    recommend,
+    size_answer,
+    size_table,
+)
 from kmnist_sweep.train import batch_size, engine
 from tests.conftest import run_cli
 
@@ -188,3 +195,23 @@ def test_a_halved_size_is_shown_as_halved_never_as_its_own_answer(tmp_path: Path
     assert list(accuracy.get_xdata()) == [32, 64]  # 128 has no accuracy of its own
     assert list(halved_marks.get_xdata()) == [128]
     assert list(axes[1].lines[0].get_xdata()) == [32, 64]  # nor a speed
+
+
+def size_row(
+    requested: int, effective: int, halved_by: str | None, fitted: bool = True
+) -> SizeRow:
+    value = 0.95 if fitted else None
+    return SizeRow(requested, effective, fitted, value, 500.0, 10.0, 1500.0, 0.05, halved_by)
+
+
+def test_a_size_that_fitted_nowhere_is_not_drawn_as_halved() -> None:
+    """2048 ran out of memory down to batch_size.min: it did not train at all, so it is no
+    halved size (the table says "did not fit"), and the answer comes from the others."""
+    rows = [size_row(64, 64, None), size_row(128, 64, "oom"), size_row(2048, 16, "oom", False)]
+    pick = recommend(rows, n_valid=800)
+    assert pick is not None and pick.batch_size == 64
+    assert pick.rule.endswith("not measured at their own size: 128 (oom -> 64)")
+    axes = plot_sizes(rows, pick, "val/acc").axes
+    assert list(axes[0].lines[1].get_xdata()) == [128]
+    table = size_table(SizeAnswer(rows, pick, "val/acc"))
+    assert [r[1] for r in table[1:]] == ["64", "64 (oom)", "did not fit"]

@@ -6,11 +6,11 @@ wandb, optuna.Trial)."""
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_cli
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kmnist_sweep"
 
@@ -97,11 +97,12 @@ def test_no_import_inside_a_function() -> None:
     "args",
     [["data=nope"], ["+sweep=batchsize", "study.n_trials=0"], ["final", "--trial", "x", "d"]],
 )
-def test_bad_input_is_answered_before_the_training_stack_loads(args: list[str]) -> None:
+def test_bad_input_is_answered_before_the_training_stack_loads(
+    args: list[str], tmp_path: Path
+) -> None:
     """A config or argument error through the real entry point, with Python's import log on:
     one error line and exit 2, and fastai (seconds to import) never imported."""
-    cmd = [sys.executable, "-X", "importtime", "-m", "kmnist_sweep", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = run_cli(*args, cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
     lines = done.stderr.splitlines()
     errors = [line for line in lines if line.startswith("kmnist_sweep: error:")]
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]

@@ -43,6 +43,11 @@ class SizeRow:
         """Its figures are its own size's: it trained at the size it asked for."""
         return self.fitted and self.effective == self.requested
 
+    @property
+    def halved(self) -> bool:
+        """It trained, at a smaller size than it asked for (one that fitted nowhere did not)."""
+        return self.fitted and self.halved_by is not None
+
 
 @dataclass(frozen=True)
 class Recommendation:
@@ -103,7 +108,7 @@ def recommend(rows: list[SizeRow], n_valid: int, maximize: bool = True) -> Recom
         f"({2 * noise:.4f}, binomial on {n_valid} validation images) count as equally good; "
         f"of those, batch {pick.requested} trains fastest ({pick.images_per_s:.0f} images/s)"
     )
-    halved = [f"{r.requested} ({r.halved_by} -> {r.effective})" for r in rows if r.halved_by]
+    halved = [f"{r.requested} ({r.halved_by} -> {r.effective})" for r in rows if r.halved]
     if halved:
         rule += f"; halved, so not measured at their own size: {', '.join(halved)}"
     return Recommendation(
@@ -118,13 +123,13 @@ def recommend(rows: list[SizeRow], n_valid: int, maximize: bool = True) -> Recom
 
 def plot_sizes(rows: list[SizeRow], pick: Recommendation | None, metric: str) -> Figure:
     """The metric and images/s against batch size (log2 axis labelled with real sizes)."""
-    fig = Figure(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.6))
     ax = fig.add_subplot()
     sizes = [r.requested for r in rows]
     shown = [r for r in rows if r.measured and r.value is not None]
     values = [float(r.value or 0.0) for r in shown]
     ax.plot([r.requested for r in shown], values, "o-", color="tab:blue")
-    halved = [r for r in rows if r.halved_by]
+    halved = [r for r in rows if r.halved]
     if halved:  # at the foot of the axis: they have no figure of their own
         foot = min(values, default=0.0)
         ax.plot(
@@ -165,8 +170,8 @@ def plot_sizes(rows: list[SizeRow], pick: Recommendation | None, metric: str) ->
                 ls=":",
                 label=f"largest fitted: {pick.largest_fitted}",
             )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower left", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # under the axes: the curves use all of them
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)
     ax.set_title("Batch size: accuracy and speed")
     fig.tight_layout()
     return fig
@@ -199,7 +204,7 @@ def size_answer(study: optuna.Study, metric: str, n_valid: int) -> SizeAnswer | 
 def answer_text(answer: SizeAnswer) -> str:
     """One line: the recommended size and the rule that picked it."""
     if answer.pick is None:
-        return "no size completed: nothing to recommend"
+        return "no size completed at the size it asked for: nothing to recommend"
     return f"Recommended: batch {answer.pick.batch_size}. {answer.pick.rule}"
 
 
@@ -223,7 +228,7 @@ def size_table(answer: SizeAnswer) -> list[list[str]]:
 def _trained_at(row: SizeRow) -> str:
     if not row.fitted:
         return "did not fit"
-    return f"{row.effective} ({row.halved_by})" if row.halved_by else str(row.effective)
+    return f"{row.effective} ({row.halved_by})" if row.halved else str(row.effective)
 
 
 def _cell(value: float | None, spec: str) -> str:
