@@ -60,7 +60,8 @@ def train_once(cfg: DictConfig) -> float:
     key = dataset.metric
     line = (
         f"final: val/{key} {result.valid[f'val/{key}']:.4f}  "
-        f"test/{key} {result.test[f'test/{key}']:.4f}  ({result.seconds:.1f} s)"
+        f"test/{key} {result.test[f'test/{key}']:.4f} ({cfg.trainer.test_views} views)  "
+        f"({result.seconds:.1f} s)"
     )
     print(line + (f"  [{dataset.note}]" if dataset.note else ""), flush=True)
     return result.valid[f"val/{key}"]

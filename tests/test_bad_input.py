@@ -133,6 +133,7 @@ def write_bundles(root: Path) -> None:
             image_size=28,
             mean=0.2,
             std=0.3,
+            views=1,
             model=build_model(cfg.model, 10),
             data_name="synthetic",
             note="",

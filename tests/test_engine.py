@@ -229,7 +229,7 @@ def test_zero_epochs_evaluates_without_training(
     assert result.history == []
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert set(result.valid) == {"val/loss", "val/acc"}
-    assert set(result.test) == {"test/loss", "test/acc"}
+    assert set(result.test) == {"test/loss", "test/acc", "test/bacc", "test/images"}
 
 
 def test_same_seed_same_metrics(compose_cfg: Callable[..., DictConfig]) -> None:

@@ -81,6 +81,7 @@ def test_final_trains_the_trial_named_by_number(
     assert bundle.source["trial"] == other.number
     assert bundle.config["trainer"]["lr"] == lr  # the trial's LR, not the best one's
     assert (bundle.config["trainer"]["epochs"], bundle.metrics["test/images"]) == (1, 32)
+    assert bundle.views == bundle.config["trainer"]["test_views"] == 5  # the shipped default
     assert bundle.data == {
         "name": "synthetic",
         "note": "synthetic: random class patterns plus noise, not characters",
@@ -118,6 +119,7 @@ def test_a_bundle_reads_back_and_damaged_ones_are_one_line(tmp_path: Path) -> No
             image_size=28,
             mean=0.1,
             std=0.2,
+            views=5,
             model=model,
             data_name="synthetic",
             note="",
@@ -127,7 +129,7 @@ def test_a_bundle_reads_back_and_damaged_ones_are_one_line(tmp_path: Path) -> No
     )
     bundle = read_bundle(good)
     assert bundle.classes == list("あいう") and bundle.metrics == {"test/acc": 0.5}
-    assert bundle.source == {"trial": 4}
+    assert bundle.source == {"trial": 4} and bundle.views == 5
     # pretrained: true in the config, yet nothing is fetched: the bundle's weights are used.
     loaded = load_model(bundle, good, torch.device("cpu"))
     for key, value in model.state_dict().items():

@@ -112,6 +112,12 @@ def _auto_or_count(key: str, value: Any) -> Any:
     return value
 
 
+def _view_count(key: str, value: Any) -> int:
+    if isinstance(value, bool) or value not in TEST_VIEW_COUNTS:
+        raise ConfigError(f"{key}={value!r} must be 1, 5 or 9")
+    return int(value)
+
+
 def _text_list(*choices: str) -> Callable[[str, Any], Any]:
     """null, or a list of strings (each one of `choices` when given): one per objective."""
 
@@ -136,6 +142,7 @@ STEMS = ("imagenet", "small")
 DATASETS = ("kmnist", "k49", "kkanji", "kmnist_sample", "synthetic")
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp")
 PRUNERS = ("none", "median", "halving", "hyperband")
+TEST_VIEW_COUNTS = (1, 5, 9)  # train/views.py: the image; + its 4 neighbours; + 4 diagonals
 
 SCHEMA: dict[str, Key] = {
     "seed": _int("RNG seed of weights, batch order, augmentation and splits", 0),
@@ -183,6 +190,12 @@ SCHEMA: dict[str, Key] = {
         "images per evaluation step",
         custom=_auto_or_count,
         accepts="auto or an integer >= 1",
+    ),
+    "trainer.test_views": Key(
+        "custom",
+        "views averaged per test image",
+        custom=_view_count,
+        accepts="1, 5 or 9",
     ),
     "trainer.threads": _int("CPU threads (0: torch's default)", 0),
     # lr_finder:

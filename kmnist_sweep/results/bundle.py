@@ -2,8 +2,9 @@
 
     model-trial3.zip
       bundle.json   what the model is: format version, class map (index -> character), input
-                    size and normalisation, the composed config (secrets masked), the data's
-                    name, note and file md5s, the test metrics, package versions, git commit
+                    size, normalisation and test-time views, the composed config (secrets
+                    masked), the data's name, note and file md5s, the test metrics, package
+                    versions, git commit
       weights.pt    the model's state_dict (torch.save; read back with weights_only=True, so
                     a bundle can carry tensors and nothing that runs code)
 
@@ -28,6 +29,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import kmnist_sweep
+from kmnist_sweep.config.schema import TEST_VIEW_COUNTS
 from kmnist_sweep.data.download import md5_of
 from kmnist_sweep.errors import UserError, error_line
 from kmnist_sweep.files import write_atomic
@@ -64,7 +66,8 @@ class Bundle:
     config: dict[str, Any]  # the composed config it was trained with, secrets masked
     data: dict[str, Any]  # name, note, files: {file name: md5} of the files read
     source: dict[str, Any]  # study, trial, its validation metric and value
-    metrics: dict[str, float] = field(default_factory=dict)  # test/acc, test/bacc, test/images
+    views: int = 1  # test-time views averaged per image (train/views.py); 1 in older bundles
+    metrics: dict[str, float] = field(default_factory=dict)  # test/loss, acc, bacc, images
     versions: dict[str, str] = field(default_factory=dict)  # package -> version
     git_commit: str | None = None  # of the kmnist_sweep checkout, when it is one
     created: str = ""  # ISO 8601, UTC
@@ -81,6 +84,7 @@ def make_bundle(
     image_size: int,
     mean: float,
     std: float,
+    views: int,
     model: nn.Module,
     data_name: str,
     note: str,
@@ -95,6 +99,7 @@ def make_bundle(
         image_size=int(image_size),
         mean=float(mean),
         std=float(std),
+        views=int(views),
         config=scrub(cfg),
         data={"name": data_name, "note": note, "files": file_md5s(files)},
         source=dict(source),
@@ -191,6 +196,8 @@ def read_bundle(path: Path) -> Bundle:
         raise UserError(f"{path}: damaged model bundle ({WEIGHTS}: {error_line(exc)})") from None
     fields = {k: meta[k] for k in Bundle.__dataclass_fields__ if k in meta and k != "state"}
     wrong = [k for k, kind in FIELD_TYPES.items() if not isinstance(fields.get(k), kind)]
+    if fields.get("views", 1) not in TEST_VIEW_COUNTS:
+        wrong.append("views")
     if wrong or not isinstance(state, dict):
         what = f"{', '.join(wrong)} missing or of the wrong type" if wrong else WEIGHTS
         raise UserError(f"{path}: damaged model bundle ({BUNDLE_JSON}: {what})")

@@ -28,7 +28,7 @@ from kmnist_sweep.data.images import image_files, read_image
 from kmnist_sweep.errors import UserError
 from kmnist_sweep.files import check_writable_dir, write_atomic
 from kmnist_sweep.results.bundle import Bundle, load_model, read_bundle
-from kmnist_sweep.train.loader import to_input
+from kmnist_sweep.train.views import class_probabilities, split_metrics
 
 BATCH = 256  # images per forward pass: small next to any GPU, quick on a CPU
 
@@ -63,33 +63,21 @@ def run_predict(
 def probabilities(
     model: nn.Module, bundle: Bundle, images: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
-    """Softmax over the classes, (N, C) on the CPU, of uint8 (N, H, W) images, in batches."""
-    out = []
-    with torch.inference_mode():
-        for chunk in torch.split(images, BATCH):
-            x = to_input(chunk.to(device), bundle.mean, bundle.std)
-            out.append(torch.softmax(model(x).float(), dim=-1).cpu())
-    if not out:
+    """Softmax over the classes, (N, C) on the CPU, of uint8 (N, H, W) images, averaged over
+    the bundle's test-time views, in batches."""
+    if len(images) == 0:
         return torch.zeros((0, len(bundle.classes)))
-    return torch.cat(out)
+    return class_probabilities(
+        model, images, bundle.mean, bundle.std, views=bundle.views, device=device, batch=BATCH
+    )
 
 
 def evaluate(
     model: nn.Module, bundle: Bundle, split: Split, device: torch.device
 ) -> dict[str, float]:
-    """Accuracy and balanced accuracy (mean per-class recall) of the model on `split`."""
-    preds = probabilities(model, bundle, split.images, device).argmax(dim=-1)
-    labels = split.labels
-    n = len(bundle.classes)
-    total = torch.bincount(labels, minlength=n)
-    hits = torch.bincount(labels[preds == labels], minlength=n)
-    seen = total > 0
-    recall = hits[seen].float() / total[seen].float()
-    return {
-        "test/acc": float((preds == labels).float().mean()) if len(labels) else 0.0,
-        "test/bacc": float(recall.mean()) if seen.any() else 0.0,
-        "test/images": float(len(labels)),
-    }
+    """Loss, accuracy and balanced accuracy (mean per-class recall) of the model on `split`."""
+    probs = probabilities(model, bundle, split.images, device)
+    return split_metrics(probs, split.labels, len(bundle.classes), "test")
 
 
 def predict_files(

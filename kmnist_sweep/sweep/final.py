@@ -86,7 +86,8 @@ def run_final(
     echo(
         f"final: trial {chosen.number} of study {study} ({cfg.model.arch}, batch "
         f"{cfg.trainer.batch_size}, lr {float(cfg.trainer.lr):.3g}, {epochs} epochs) on "
-        f"train+valid: {len(full.train)} images; test once on {len(dataset.test)}"
+        f"train+valid: {len(full.train)} images; test once on {len(dataset.test)} "
+        f"({cfg.trainer.test_views} views each)"
     )
     learn = engine.build_learner(cfg, full)
     start = time.perf_counter()
@@ -112,6 +113,7 @@ def run_final(
         image_size=dataset.image_size,
         mean=learn.dls.train.mean,
         std=learn.dls.train.std,
+        views=int(cfg.trainer.test_views),
         model=learn.model,
         data_name=dataset.name,
         note=dataset.note,
@@ -211,6 +213,8 @@ def final_config(base: DictConfig, values: dict[str, Any], overrides: Sequence[s
     checked once (the same check pass as every run)."""
     cfg = apply_params(base, values)
     cfg.search_space = {}  # one run, not a sweep
+    if OmegaConf.select(cfg, "trainer.test_views") is None:
+        cfg.trainer.test_views = 1  # a study from before the key: its era's one view
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as exc:

@@ -28,6 +28,7 @@ from kmnist_sweep.data.contract import Dataset
 from kmnist_sweep.train import memory
 from kmnist_sweep.train.loader import make_loaders, use_channels_last
 from kmnist_sweep.train.model import build_model
+from kmnist_sweep.train.views import class_probabilities, split_metrics
 
 EpochHook = Callable[[int, dict[str, float]], None]
 
@@ -243,6 +244,23 @@ def evaluate(learn: Learner, ds_idx: int, prefix: str) -> dict[str, float]:
     return {f"{prefix}/{n}": float(v) for n, v in zip(names, values, strict=True)}
 
 
+def test_metrics(learn: Learner, views: int, num_classes: int) -> dict[str, float]:
+    """The test split's loss, accuracy and balanced accuracy, the model's probabilities
+    averaged over `views` test-time views (train/views.py) in fp32: what `final` stores and
+    `predict` gives for the same weights."""
+    split = learn.dls[2]
+    probs = class_probabilities(
+        learn.model,
+        split.images,
+        split.mean,
+        split.std,
+        views=views,
+        device=learn.dls.device,
+        batch=split.bs,
+    )
+    return split_metrics(probs, split.labels, num_classes, "test")
+
+
 def train(
     cfg: DictConfig,
     dataset: Dataset,
@@ -285,7 +303,7 @@ def train(
     else:
         result.valid = evaluate(learn, 1, "val")
     if test:
-        result.test = evaluate(learn, 2, "test")
+        result.test = test_metrics(learn, int(cfg.trainer.test_views), dataset.num_classes)
     result.seconds = time.perf_counter() - start
     result.peak_memory = memory.peak_bytes(learn.dls.device)
     return result
