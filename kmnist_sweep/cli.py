@@ -46,6 +46,7 @@ def train_once(cfg: DictConfig) -> float:
     """Train one model from the composed config; print per-epoch and final test metrics."""
     from kmnist_sweep.data.datasets import load_dataset
     from kmnist_sweep.train import engine
+    from kmnist_sweep.train.views import views_text
 
     dataset = load_dataset(cfg.data)
     if dataset.note:
@@ -58,10 +59,10 @@ def train_once(cfg: DictConfig) -> float:
     )
     result = engine.train(cfg, dataset, test=True)
     key = dataset.metric
+    views = views_text(int(cfg.trainer.test_views))
     line = (
         f"final: val/{key} {result.valid[f'val/{key}']:.4f}  "
-        f"test/{key} {result.test[f'test/{key}']:.4f} ({cfg.trainer.test_views} views)  "
-        f"({result.seconds:.1f} s)"
+        f"test/{key} {result.test[f'test/{key}']:.4f} ({views})  ({result.seconds:.1f} s)"
     )
     print(line + (f"  [{dataset.note}]" if dataset.note else ""), flush=True)
     return result.valid[f"val/{key}"]

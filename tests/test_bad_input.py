@@ -120,7 +120,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_bundles(root: Path) -> None:
     """digit.png; model.zip, a real bundle of an untrained ResNet-18 for 10 classes; and two
-    edited copies: model-v2.zip (format version 2) and model-mixed.zip (K49's class map)."""
+    edited copies: model-v9.zip (format version 9) and model-mixed.zip (K49's class map)."""
     Image.fromarray(labelled_images(0, 1, 28)[0]).save(root / "digit.png")
     cfg = OmegaConf.create(
         {"model": {"arch": "resnet18", "stem": "imagenet", "pretrained": False}}
@@ -142,7 +142,7 @@ def write_bundles(root: Path) -> None:
         ),
     )
     edits = {
-        "model-v2.zip": {"format_version": 2, "versions": {"kmnist_sweep": "9.0.0"}},
+        "model-v9.zip": {"format_version": 9, "versions": {"kmnist_sweep": "9.0.0"}},
         "model-mixed.zip": {"classes": K49_CLASSES, "data": {"name": "k49", "files": {}}},
     }
     with zipfile.ZipFile(root / "model.zip") as source:

@@ -16,6 +16,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -105,6 +106,21 @@ def test_final_trains_the_trial_named_by_number(
         study_trial(cfg, other.number, None)
     chosen = study_trial(cfg, other.number, "sqlite:///storage/lr-synthetic.db")
     assert chosen.values == trial_values(other) and chosen.value == other.value
+
+
+def test_a_study_from_before_test_views_is_tested_with_one_view(tmp_path: Path) -> None:
+    """A sweep's config.yaml written before trainer.test_views existed: final tests as then."""
+    made = cli(*TOY_STUDY, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    snapshot = tmp_path / "sweeps/lr-synthetic/config.yaml"
+    old = yaml.safe_load(snapshot.read_text())
+    del old["trainer"]["test_views"]
+    snapshot.write_text(yaml.safe_dump(old))
+    out = cli("final", "sweeps/lr-synthetic", "trainer.epochs=1", "data.n_test=32", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "test once on 32 (1 view each)" in out.stdout, out.stdout
+    path = re.search(r"^bundle: (.+)$", out.stdout, re.M)
+    assert path and read_bundle(tmp_path / path[1]).views == 1
 
 
 def test_a_bundle_reads_back_and_damaged_ones_are_one_line(tmp_path: Path) -> None:

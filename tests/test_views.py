@@ -31,6 +31,7 @@ from kmnist_sweep.train.views import SHIFTS, class_probabilities, shift_images, 
 from tests.conftest import run_cli
 
 FAST = ("data=synthetic", "trainer.batch_size=64", "trainer.eval_batch_size=256")
+CPU_ONLY = "trainer.device=cpu"  # the test compares against CPU tensors, GPU or not
 CPU = torch.device("cpu")
 
 
@@ -85,7 +86,7 @@ def test_the_engines_test_metrics_use_the_configs_views(
 ) -> None:
     """One view agrees with fastai's own accuracy on the test loader; five are the averaged
     probabilities of the trained model."""
-    cfg = compose_cfg(*FAST, "trainer.epochs=1", "trainer.test_views=1")
+    cfg = compose_cfg(*FAST, CPU_ONLY, "trainer.epochs=1", "trainer.test_views=1")
     data = load_dataset(cfg.data)
     learn = engine.build_learner(cfg, data)
     one = engine.train(cfg, data, learn=learn, test=True, quiet=True).test
@@ -95,7 +96,7 @@ def test_the_engines_test_metrics_use_the_configs_views(
     probs = class_probabilities(
         learn.model, data.test.images, dl.mean, dl.std, views=5, device=CPU, batch=7
     )
-    assert five == split_metrics(probs, data.test.labels, data.num_classes, "test")
+    assert five == pytest.approx(split_metrics(probs, data.test.labels, data.num_classes, "test"))
     assert set(one) == {"test/loss", "test/acc", "test/bacc", "test/images"}
 
 
@@ -136,17 +137,18 @@ def test_predict_averages_the_views_its_bundle_names(tmp_path: Path) -> None:
         assert torch.allclose(probabilities(model, bundle, images, CPU), expected, atol=1e-6)
 
 
-def test_a_bundle_without_views_is_one_view_and_a_wrong_count_is_damage(tmp_path: Path) -> None:
+def test_a_format_1_bundle_is_one_view_and_a_wrong_count_is_damage(tmp_path: Path) -> None:
     good = _bundle(tmp_path, 5)
     with zipfile.ZipFile(good) as zf:
         meta, weights = json.loads(zf.read(BUNDLE_JSON)), zf.read(WEIGHTS)
-    for name, views in (("old.zip", None), ("bad.zip", 3)):
-        changed = {k: v for k, v in meta.items() if k != "views"}
-        if views is not None:
-            changed["views"] = views
+    assert meta["format_version"] == 2 and meta["views"] == 5
+    old = {k: v for k, v in meta.items() if k != "views"} | {"format_version": 1}
+    cases = {"old.zip": old, **{f"bad{v}.zip": meta | {"views": v} for v in (3, 5.0, True)}}
+    for name, changed in cases.items():
         with zipfile.ZipFile(tmp_path / name, "w") as zf:
             zf.writestr(BUNDLE_JSON, json.dumps(changed))
             zf.writestr(WEIGHTS, weights)
-    assert read_bundle(tmp_path / "old.zip").views == 1  # written before the field
-    with pytest.raises(UserError, match=r"damaged model bundle \(bundle.json: views missing"):
-        read_bundle(tmp_path / "bad.zip")
+    assert read_bundle(tmp_path / "old.zip").views == 1  # written before views existed
+    for name in ("bad3.zip", "bad5.0.zip", "badTrue.zip"):
+        with pytest.raises(UserError, match=r"damaged model bundle \(bundle.json: views missing"):
+            read_bundle(tmp_path / name)

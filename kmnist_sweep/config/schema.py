@@ -113,7 +113,7 @@ def _auto_or_count(key: str, value: Any) -> Any:
 
 
 def _view_count(key: str, value: Any) -> int:
-    if isinstance(value, bool) or value not in TEST_VIEW_COUNTS:
+    if type(value) is not int or value not in TEST_VIEW_COUNTS:  # not 5.0, not true
         raise ConfigError(f"{key}={value!r} must be 1, 5 or 9")
     return int(value)
 

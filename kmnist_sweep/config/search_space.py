@@ -344,6 +344,10 @@ _NOT_SEARCHABLE = ("search_space", "study", "hydra")
 def _check_key_exists(key: str, cfg: DictConfig) -> None:
     if key.split(".")[0] in _NOT_SEARCHABLE:
         raise ConfigError(f"search_space.{key}: {key.split('.')[0]}.* keys cannot be searched")
+    if key == "trainer.test_views":
+        raise ConfigError(
+            f"search_space.{key}: cannot be searched (trials never see the test split)"
+        )
     node = OmegaConf.select(cfg, key, default=_MISSING, throw_on_resolution_failure=False)
     if node is _MISSING:
         raise ConfigError(

@@ -37,7 +37,11 @@ from kmnist_sweep.masking import scrub
 from kmnist_sweep.train.model import build_model
 
 FORMAT = "kmnist_sweep-model"
-FORMAT_VERSION = 1  # bump when a field changes meaning; read_bundle refuses any other
+FORMAT_VERSION = 2  # bump when a field changes meaning; read_bundle refuses any other
+# Formats this version reads. 1 had no test-time views: its test metrics are of one view
+# each. 2 adds `views`, so a reader that drops it (format 1 code) refuses the bundle rather
+# than predicting with fewer views than its stored metrics were measured with.
+READS = (1, 2)
 BUNDLE_JSON = "bundle.json"
 WEIGHTS = "weights.pt"
 PACKAGES = ("torch", "torchvision", "fastai", "optuna", "kmnist_sweep")
@@ -196,7 +200,10 @@ def read_bundle(path: Path) -> Bundle:
         raise UserError(f"{path}: damaged model bundle ({WEIGHTS}: {error_line(exc)})") from None
     fields = {k: meta[k] for k in Bundle.__dataclass_fields__ if k in meta and k != "state"}
     wrong = [k for k, kind in FIELD_TYPES.items() if not isinstance(fields.get(k), kind)]
-    if fields.get("views", 1) not in TEST_VIEW_COUNTS:
+    if meta["format_version"] == 1:
+        fields["views"] = 1
+    views = fields.get("views")
+    if type(views) is not int or views not in TEST_VIEW_COUNTS:  # not 5.0, not true
         wrong.append("views")
     if wrong or not isinstance(state, dict):
         what = f"{', '.join(wrong)} missing or of the wrong type" if wrong else WEIGHTS
@@ -208,13 +215,13 @@ def _check_format(path: Path, meta: Any) -> None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a kmnist_sweep model bundle ({BUNDLE_JSON} has no format)")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READS or isinstance(version, bool):
         versions = meta.get("versions")
         made_by = versions.get("kmnist_sweep") if isinstance(versions, dict) else None
         raise UserError(
             f"{path}: model bundle format {version!r} (written by kmnist_sweep "
             f"{made_by or 'of another version'}); "
-            f"this kmnist_sweep reads format {FORMAT_VERSION} only: use the version that "
+            f"this kmnist_sweep reads formats {', '.join(map(str, READS))}: use the version that "
             "wrote it, or run final again"
         )
 

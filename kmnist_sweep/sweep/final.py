@@ -40,6 +40,7 @@ from kmnist_sweep.results.outputs import trial_values
 from kmnist_sweep.results.predict import evaluate
 from kmnist_sweep.sweep.storage import open_storage, quiet_optuna_warnings
 from kmnist_sweep.train import engine
+from kmnist_sweep.train.views import views_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,7 @@ def run_final(
         f"final: trial {chosen.number} of study {study} ({cfg.model.arch}, batch "
         f"{cfg.trainer.batch_size}, lr {float(cfg.trainer.lr):.3g}, {epochs} epochs) on "
         f"train+valid: {len(full.train)} images; test once on {len(dataset.test)} "
-        f"({cfg.trainer.test_views} views each)"
+        f"({views_text(int(cfg.trainer.test_views))} each)"
     )
     learn = engine.build_learner(cfg, full)
     start = time.perf_counter()
@@ -213,8 +214,8 @@ def final_config(base: DictConfig, values: dict[str, Any], overrides: Sequence[s
     checked once (the same check pass as every run)."""
     cfg = apply_params(base, values)
     cfg.search_space = {}  # one run, not a sweep
-    if OmegaConf.select(cfg, "trainer.test_views") is None:
-        cfg.trainer.test_views = 1  # a study from before the key: its era's one view
+    if "test_views" not in cfg.trainer:
+        cfg.trainer.test_views = 1  # a study from before the key: tested as then, one view
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as exc:

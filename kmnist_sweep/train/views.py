@@ -24,6 +24,11 @@ from kmnist_sweep.train.loader import to_input
 SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
 
 
+def views_text(views: int) -> str:
+    """`1 view`, `5 views`: how output lines name the count."""
+    return f"{views} view" + ("" if views == 1 else "s")
+
+
 def shift_images(images: torch.Tensor, down: int, right: int) -> torch.Tensor:
     """uint8 (N, H, W) images moved `down` rows and `right` columns (negative: up, left);
     the rows and columns brought in are 0, the black background of a scan."""
