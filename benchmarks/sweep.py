@@ -118,9 +118,13 @@ def run_sweep(arm: str, sweep: str, budget: float, out: Path, extra: list[str]) 
     return result
 
 
-def study_result(label: str, storage: str, name: str, start: float) -> ArmResult:
+def study_result(label: str, storage: str, name: str, start: float | None) -> ArmResult:
+    """The arm's figures from its study; its clock starts at `start` (None: when its first
+    trial started, which leaves the ~10 s of start-up before it off the clock)."""
     study = optuna.load_study(study_name=name, storage=storage)
     trials = study.get_trials(deepcopy=False)
+    if start is None:
+        start = min(t.datetime_start.timestamp() for t in trials if t.datetime_start)
     result = ArmResult(label)
     counts = {s: sum(t.state == s for t in trials) for s in TrialState}
     result.trials = (
@@ -174,16 +178,6 @@ def final_accuracy(study_dir: Path, log_path: Path) -> tuple[float | None, float
     return float(found[1]), evaluate(model, bundle, data.test, cpu)["test/acc"]
 
 
-def replot_result(arm: str, sweep: str, out: Path) -> ArmResult:
-    """An arm's curve from its study, without running or refitting anything. Time zero is its
-    first trial's start: the ~10 s of start-up before it are not on this plot's clock."""
-    name = f"bench-{arm}"
-    storage = f"sqlite:///{out / name}.db"
-    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    start = min(t.datetime_start.timestamp() for t in trials if t.datetime_start)
-    return study_result(f"+sweep={sweep} {ARMS[arm][0]}", storage, name, start)
-
-
 def run_seed(out: Path) -> ArmResult:
     """The article's recipe once; its accuracy is on the held-out split at every epoch."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -214,8 +208,8 @@ def plot(results: dict[str, ArmResult], budget: float, path: Path) -> None:
             for state, marker in (("complete", "o"), ("pruned", "x")):
                 done = [(t / 60, v) for t, v, s in r.points if s == state]
                 if done:  # each trial where it ended: what the best-so-far line hides
-                    xs, ys = [t for t, _ in done], [v for _, v in done]
-                    ax.scatter(xs, ys, marker=marker, color=line.get_color(), alpha=0.6)
+                    at, acc = [t for t, _ in done], [v for _, v in done]
+                    ax.scatter(at, acc, marker=marker, color=line.get_color(), alpha=0.6)
     ax.axvline(budget / 60, color="grey", linestyle=":", label="budget")
     ax.set_xlabel("wall time (min)")
     ax.set_ylabel("accuracy: line best so far, marks each trial\n(sweeps: val; seed: held-out)")
@@ -234,7 +228,9 @@ def main() -> None:
     parser.add_argument("--sweep", default=default_sweep, help="the sweep of arms a, b, c and e")
     parser.add_argument("--out", type=Path, default=REPO / "sweeps" / "benchmark")
     parser.add_argument(
-        "--replot", action="store_true", help="redraw the PNG from the arms' studies in --out"
+        "--replot",
+        action="store_true",
+        help="redraw the PNG from the sweep arms' studies in --out (arm d has none: left out)",
     )
     parser.add_argument("overrides", nargs="*", help="extra overrides for every sweep arm")
     args = parser.parse_args()
@@ -243,8 +239,15 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     results: dict[str, ArmResult] = {}
     for arm in args.arms:
-        if args.replot and arm != "d":
-            results[arm] = replot_result(arm, args.sweep, args.out)
+        if args.replot and arm != "d":  # nothing is run or refit: no held-out figures
+            name = f"bench-{arm}"
+            if not (args.out / f"{name}.db").is_file():
+                print(f"[{arm}] no study {args.out / name}.db: left out of the plot")
+                continue
+            label = f"+sweep={args.sweep} {ARMS[arm][0]}"
+            results[arm] = study_result(label, f"sqlite:///{args.out / name}.db", name, None)
+        elif args.replot:
+            continue  # the seed recipe keeps no study; replotting must not retrain it
         elif arm == "d":
             results[arm] = run_seed(args.out)
         else:
