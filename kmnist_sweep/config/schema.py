@@ -177,6 +177,7 @@ SCHEMA: dict[str, Key] = {
     "trainer.pct_start": _float("fraction of steps warming up", **FRACTION),
     "trainer.translate": _int("pixels of random shift per axis", 0),
     "trainer.cutout": _int("pixels per side of the zeroed square", 0),
+    "trainer.ema": _float("fraction of the weight average kept per step", **FRACTION),
     "trainer.precision": _choice("arithmetic", "auto", "bf16", "fp32"),
     "trainer.channels_last": Key(
         "custom",

@@ -26,6 +26,7 @@ from torch import nn
 from kmnist_sweep.config.device import pick_device, use_bf16
 from kmnist_sweep.data.contract import Dataset
 from kmnist_sweep.train import memory
+from kmnist_sweep.train.ema import WeightAverage
 from kmnist_sweep.train.loader import make_loaders, use_channels_last
 from kmnist_sweep.train.model import build_model
 from kmnist_sweep.train.views import class_probabilities, split_metrics
@@ -286,6 +287,8 @@ def train(
     memory.reset_peak(learn.dls.device)
     if epochs > 0:
         report = EpochReport(record, echo=not bars and not quiet)
+        ema = float(cfg.trainer.ema)
+        averaged = [WeightAverage(ema)] if ema > 0 else []
         with contextlib.ExitStack() as stack:
             stack.callback(close_autocast, learn)  # also when an error leaves the batch
             if not bars:
@@ -295,7 +298,7 @@ def train(
                 epochs,
                 lr_max=float(cfg.trainer.lr),
                 pct_start=float(cfg.trainer.pct_start),
-                cbs=[report, *(cbs or [])],
+                cbs=[report, *averaged, *(cbs or [])],
             )
         result.train_seconds, result.train_images = report.train_seconds, report.train_images
         last = result.history[-1]
