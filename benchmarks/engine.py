@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from kmnist_sweep.data.datasets import Dataset, Split, load_dataset  # noqa: E402
 from kmnist_sweep.train import engine  # noqa: E402
+from kmnist_sweep.train.ema import WeightAverage  # noqa: E402
 
 
 def compose_cfg(*overrides: str) -> DictConfig:
@@ -92,12 +93,13 @@ class _TrainClock(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def tool_epoch(learn: engine.Learner, lr: float) -> float:
-    """One epoch of the tool's fastai step (one-cycle, recorder, its callbacks); seconds of
-    the training phase (validation and fit's set-up are off the clock, as in the bare loop)."""
+def tool_epoch(learn: engine.Learner, lr: float, ema: float) -> float:
+    """One epoch of the tool's fastai step (one-cycle, recorder, its callbacks, the weight
+    average `engine.train` adds when trainer.ema > 0); seconds of the training phase
+    (validation and fit's set-up are off the clock, as in the bare loop)."""
     clock = _TrainClock()
     with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(1, lr_max=lr, cbs=[clock])
+        learn.fit_one_cycle(1, lr_max=lr, cbs=[clock, *([WeightAverage(ema)] if ema else [])])
     return clock.seconds
 
 
@@ -130,10 +132,13 @@ def part1(repeats: int, precisions: list[str]) -> None:
         bare, tool = [], []
         for _ in range(repeats):  # interleaved so drifts in machine load hit both alike
             bare.append(n / bare_epoch(learn, 1e-3, bf16))
-            tool.append(n / tool_epoch(learn, 1e-3))
+            tool.append(n / tool_epoch(learn, 1e-3, float(cfg.trainer.ema)))
         b, t = statistics.median(bare), statistics.median(tool)
         print(f"| {precision} | {b:.0f} | {t:.0f} | {t / b:.3f} |", flush=True)
-    print(f"\nmedian of {repeats} interleaved epochs of {n} images each")
+    print(
+        f"\nmedian of {repeats} interleaved epochs of {n} images each; the tool's step "
+        f"includes the weight average (trainer.ema={cfg.trainer.ema})"
+    )
 
 
 # ------------------------------------------------------------------ part 2: seed recipe

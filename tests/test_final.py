@@ -108,19 +108,23 @@ def test_final_trains_the_trial_named_by_number(
     assert chosen.values == trial_values(other) and chosen.value == other.value
 
 
-def test_a_study_from_before_test_views_is_tested_with_one_view(tmp_path: Path) -> None:
-    """A sweep's config.yaml written before trainer.test_views existed: final tests as then."""
+def test_a_study_from_before_test_views_and_ema_is_refit_and_tested_as_then(
+    tmp_path: Path,
+) -> None:
+    """A sweep's config.yaml written before trainer.test_views and trainer.ema existed: final
+    trains without a weight average and tests one view, as the study's trials ran."""
     made = cli(*TOY_STUDY, cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-3000:]
     snapshot = tmp_path / "sweeps/lr-synthetic/config.yaml"
     old = yaml.safe_load(snapshot.read_text())
-    del old["trainer"]["test_views"]
+    del old["trainer"]["test_views"], old["trainer"]["ema"]
     snapshot.write_text(yaml.safe_dump(old))
     out = cli("final", "sweeps/lr-synthetic", "trainer.epochs=1", "data.n_test=32", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test once on 32 (1 view each)" in out.stdout, out.stdout
     path = re.search(r"^bundle: (.+)$", out.stdout, re.M)
-    assert path and read_bundle(tmp_path / path[1]).views == 1
+    bundle = read_bundle(tmp_path / path[1]) if path else None
+    assert bundle and bundle.views == 1 and bundle.config["trainer"]["ema"] == 0
 
 
 def test_a_bundle_reads_back_and_damaged_ones_are_one_line(tmp_path: Path) -> None:

@@ -1,0 +1,98 @@
+"""The weight average (`trainer.ema`, train/ema.py) through `engine.train`, the path of the
+single run, every trial and `final`: what validation scores, what training steps and what
+the model holds at the end, against the average computed here from the live weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from fastai.callback.core import Callback
+from omegaconf import DictConfig
+
+from kmnist_sweep.data.datasets import load_dataset
+from kmnist_sweep.train import engine
+from kmnist_sweep.train.ema import WeightAverage
+
+FAST = ("data=synthetic", "trainer.batch_size=64", "trainer.eval_batch_size=256")
+
+
+def watched(model: torch.nn.Module) -> list[torch.Tensor]:
+    """A weight and a batch-norm running statistic: the average covers both."""
+    state = model.state_dict()
+    return [state["fc.weight"].clone(), state["bn1.running_mean"].clone()]
+
+
+class Spy(Callback):
+    """Runs after WeightAverage (order 5) at every event and records what the model holds."""
+
+    order = 6
+
+    def before_fit(self) -> None:
+        self.start = watched(self.learn.model)
+        self.live: list[list[torch.Tensor]] = []  # after each optimiser step
+        self.validated: list[list[torch.Tensor]] = []  # when validation starts
+        self.trained_from: list[list[torch.Tensor]] = []  # when each training phase starts
+
+    def before_train(self) -> None:
+        self.trained_from.append(watched(self.learn.model))
+
+    def after_step(self) -> None:
+        self.live.append(watched(self.learn.model))
+
+    def before_validate(self) -> None:
+        self.validated.append(watched(self.learn.model))
+
+
+def averages(start: list[torch.Tensor], live: list[list[torch.Tensor]], ema: float) -> list:
+    """The average after each step: decay min(ema, (1 + n) / (10 + n)) at step n."""
+    average, out = [t.clone() for t in start], []
+    for n, weights in enumerate(live, start=1):
+        decay = min(ema, (1 + n) / (10 + n))
+        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights, strict=True)]
+        out.append(average)
+    return out
+
+
+def close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b, strict=True))
+
+
+def run(compose_cfg: Callable[..., DictConfig], *overrides: str) -> tuple[Spy, list, int]:
+    cfg = compose_cfg(*FAST, "trainer.epochs=3", *overrides)
+    spy = Spy()
+    result = engine.train(cfg, load_dataset(cfg.data), cbs=[spy])
+    assert result.learner is not None
+    return spy, watched(result.learner.model), len(result.learner.dls.train)
+
+
+def test_validation_and_the_final_model_use_the_average_training_the_live_weights(
+    compose_cfg: Callable[..., DictConfig],
+) -> None:
+    assert float(compose_cfg(*FAST).trainer.ema) == 0.99  # the shipped default
+    spy, final, steps = run(compose_cfg)
+    assert len(spy.live) == 3 * steps and len(spy.validated) == 3
+    expected = averages(spy.start, spy.live, 0.99)
+    for epoch in range(3):
+        last = (epoch + 1) * steps - 1  # the epoch's last optimiser step
+        assert close(spy.validated[epoch], expected[last])
+        assert not close(spy.validated[epoch], spy.live[last])
+    # Each later epoch trains on from the live weights, not from the average.
+    for epoch in (1, 2):
+        assert close(spy.trained_from[epoch], spy.live[epoch * steps - 1])
+    assert close(final, expected[-1]) and not close(final, spy.live[-1])
+
+
+def test_ema_zero_validates_and_keeps_the_live_weights(
+    compose_cfg: Callable[..., DictConfig],
+) -> None:
+    spy, final, steps = run(compose_cfg, "trainer.ema=0")
+    assert all(close(v, spy.live[(e + 1) * steps - 1]) for e, v in enumerate(spy.validated))
+    assert close(final, spy.live[-1])
+
+
+def test_a_decay_outside_zero_to_one_is_refused() -> None:
+    for ema in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
+            WeightAverage(ema)
