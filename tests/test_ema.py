@@ -19,9 +19,11 @@ FAST = ("data=synthetic", "trainer.batch_size=64", "trainer.eval_batch_size=256"
 
 
 def watched(model: torch.nn.Module) -> list[torch.Tensor]:
-    """A weight and a batch-norm running statistic: the average covers both."""
+    """Weights of the head and of a (channels-last) convolution, and a batch-norm running
+    statistic: the average covers all three."""
     state = model.state_dict()
-    return [state["fc.weight"].clone(), state["bn1.running_mean"].clone()]
+    names = ("fc.weight", "layer1.0.conv1.weight", "bn1.running_mean")
+    return [state[name].clone() for name in names]
 
 
 class Spy(Callback):

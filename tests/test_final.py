@@ -127,6 +127,32 @@ def test_a_study_from_before_test_views_and_ema_is_refit_and_tested_as_then(
     assert bundle and bundle.views == 1 and bundle.config["trainer"]["ema"] == 0
 
 
+def test_resuming_a_study_from_before_ema_asks_which_recipe(tmp_path: Path) -> None:
+    """Its trials ran on the live weights: going on must not silently average new ones."""
+    made = cli(*TOY_STUDY, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    snapshot, db = (
+        tmp_path / "sweeps/lr-synthetic/config.yaml",
+        tmp_path / "storage/lr-synthetic.db",
+    )
+    old = yaml.safe_load(snapshot.read_text())
+    del old["trainer"]["ema"]
+    snapshot.write_text(yaml.safe_dump(old))
+    stored = db.read_bytes()
+    more = [o for o in TOY_STUDY if not o.startswith("study.n_trials")] + ["study.n_trials=4"]
+    refused = cli(*more, cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "kmnist_sweep: error: study 'lr-synthetic' ran its trials without a weight average "
+        "(its config.yaml predates trainer.ema): add trainer.ema=0 to go on as they ran, or "
+        "trainer.ema=0.99 to average from here on"
+    )
+    assert db.read_bytes() == stored and yaml.safe_load(snapshot.read_text()) == old
+    resumed = cli(*more, "trainer.ema=0", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert yaml.safe_load(snapshot.read_text())["trainer"]["ema"] == 0
+
+
 def test_a_bundle_reads_back_and_damaged_ones_are_one_line(tmp_path: Path) -> None:
     cfg = OmegaConf.create({"model": {"arch": "resnet18", "stem": "small", "pretrained": True}})
     model = build_model(OmegaConf.create({**cfg.model, "pretrained": False}), 3)

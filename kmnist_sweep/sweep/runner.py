@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kmnist_sweep.config.check import check_config
@@ -140,6 +141,32 @@ def run_sweep(
     return check_total(study, cfg, plan, since, deadline, worker_status)
 
 
+def check_recipe_kept(snapshot: Path, name: str) -> None:
+    """A study whose config.yaml predates trainer.ema ran its trials without the weight
+    average; going on with the new default would rank averaged trials against them (and
+    `final` would refit its best with it). The command line must say which it wants."""
+    try:
+        old = OmegaConf.load(snapshot) if snapshot.is_file() else None
+    except Exception:  # unreadable: not ours to judge here
+        return
+    if not isinstance(old, DictConfig) or "ema" in old.get("trainer", {"ema": "?"}):
+        return
+    if "trainer.ema" in command_line_keys():
+        return
+    raise ConfigError(
+        f"study {name!r} ran its trials without a weight average (its config.yaml predates "
+        "trainer.ema): add trainer.ema=0 to go on as they ran, or trainer.ema=0.99 to "
+        "average from here on"
+    )
+
+
+def command_line_keys() -> set[str]:
+    """Keys the command line set (empty outside a Hydra app)."""
+    if not HydraConfig.initialized():
+        return set()
+    return {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task}
+
+
 def plan_sweep(cfg: DictConfig, objective_factory: Factory | None) -> Plan:
     """Check the config (the one pass, config/check.py) and work out the sweep; the objective
     checks its own input here (the real one loads its data). Writes nothing."""
@@ -167,6 +194,7 @@ def plan_sweep(cfg: DictConfig, objective_factory: Factory | None) -> Plan:
         objective.check()
     out_dir = Path(str(study_cfg.output_dir))
     check_writable_dir(out_dir, f"study.output_dir={str(out_dir)!r} cannot be created")
+    check_recipe_kept(out_dir / "config.yaml", str(study_cfg.name))
     log_dir = out_dir / "logs" if jobs is None else Path(str(cfg.launcher.folder))
     return Plan(
         params=params,

@@ -41,6 +41,7 @@ class WeightAverage(Callback):
         self.average = [t.clone() for t in self.live]
         self.held = [t.clone() for t in self.live]  # the live weights while validation runs
         self.steps = 0
+        self.swapped = False  # the average is in the model and the live weights in `held`
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -51,12 +52,18 @@ class WeightAverage(Callback):
     def before_validate(self) -> None:
         torch._foreach_copy_(self.held, self.live)
         torch._foreach_copy_(self.live, self.average)
+        self.swapped = True
 
     @torch.no_grad()
     def after_validate(self) -> None:
-        torch._foreach_copy_(self.live, self.held)
+        # fastai calls this even when an earlier callback cancelled before_validate: only a
+        # swap that happened is undone, or stale weights would overwrite the live ones.
+        if self.swapped:
+            torch._foreach_copy_(self.live, self.held)
+            self.swapped = False
 
     @torch.no_grad()
     def after_fit(self) -> None:
-        torch._foreach_copy_(self.live, self.average)
-        self.held = []  # one copy of the model less once training is over
+        if hasattr(self, "average"):  # before_fit ran (a fit cancelled earlier has none)
+            torch._foreach_copy_(self.live, self.average)
+            self.held = []  # one copy of the model less once training is over
