@@ -69,29 +69,30 @@ def run(compose_cfg: Callable[..., DictConfig], *overrides: str) -> tuple[Spy, l
     return spy, watched(result.learner.model), len(result.learner.dls.train)
 
 
-def test_validation_and_the_final_model_use_the_average_training_the_live_weights(
+def test_validation_scores_the_average_before_the_last_epoch_training_the_live_weights(
     compose_cfg: Callable[..., DictConfig],
 ) -> None:
     assert float(compose_cfg(*FAST).trainer.ema) == 0.99  # the shipped default
     spy, final, steps = run(compose_cfg)
     assert len(spy.live) == 3 * steps and len(spy.validated) == 3
     expected = averages(spy.start, spy.live, 0.99)
-    for epoch in range(3):
+    for epoch in (0, 1):
         last = (epoch + 1) * steps - 1  # the epoch's last optimiser step
         assert close(spy.validated[epoch], expected[last])
         assert not close(spy.validated[epoch], spy.live[last])
-    # Each later epoch trains on from the live weights, not from the average.
-    for epoch in (1, 2):
-        assert close(spy.trained_from[epoch], spy.live[epoch * steps - 1])
-    assert close(final, expected[-1]) and not close(final, spy.live[-1])
+        # The next epoch trains on from the live weights, not from the average.
+        assert close(spy.trained_from[epoch + 1], spy.live[last])
+    # The last epoch validates, and the run ends with, the trained weights.
+    assert close(spy.validated[2], spy.live[-1]) and close(final, spy.live[-1])
+    assert not close(final, expected[-1])
 
 
-def test_ema_zero_validates_and_keeps_the_live_weights(
-    compose_cfg: Callable[..., DictConfig],
-) -> None:
-    spy, final, steps = run(compose_cfg, "trainer.ema=0")
+def test_the_average_changes_no_trained_weight(compose_cfg: Callable[..., DictConfig]) -> None:
+    """Training never reads the average: ema=0 ends on the very same weights."""
+    _, averaged, _ = run(compose_cfg)
+    spy, plain, steps = run(compose_cfg, "trainer.ema=0")
+    assert all(torch.equal(a, b) for a, b in zip(averaged, plain, strict=True))
     assert all(close(v, spy.live[(e + 1) * steps - 1]) for e, v in enumerate(spy.validated))
-    assert close(final, spy.live[-1])
 
 
 def test_a_decay_outside_zero_to_one_is_refused() -> None:

@@ -108,11 +108,11 @@ def test_final_trains_the_trial_named_by_number(
     assert chosen.values == trial_values(other) and chosen.value == other.value
 
 
-def test_a_study_from_before_test_views_and_ema_is_refit_and_tested_as_then(
+def test_a_study_from_before_test_views_and_ema_is_recorded_and_tested_as_then(
     tmp_path: Path,
 ) -> None:
     """A sweep's config.yaml written before trainer.test_views and trainer.ema existed: final
-    trains without a weight average and tests one view, as the study's trials ran."""
+    records no weight average and tests one view, as the study's trials ran."""
     made = cli(*TOY_STUDY, cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-3000:]
     snapshot = tmp_path / "sweeps/lr-synthetic/config.yaml"

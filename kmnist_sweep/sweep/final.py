@@ -217,7 +217,7 @@ def final_config(base: DictConfig, values: dict[str, Any], overrides: Sequence[s
     if "test_views" not in cfg.trainer:
         cfg.trainer.test_views = 1  # a study from before the key: tested as then, one view
     if "ema" not in cfg.trainer:
-        cfg.trainer.ema = 0  # a study from before the key: trained as then, no average
+        cfg.trainer.ema = 0  # a study from before the key: recorded as it ran, no average
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as exc:

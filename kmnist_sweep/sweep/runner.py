@@ -142,9 +142,9 @@ def run_sweep(
 
 
 def check_recipe_kept(snapshot: Path, name: str) -> None:
-    """A study whose config.yaml predates trainer.ema ran its trials without the weight
-    average; going on with the new default would rank averaged trials against them (and
-    `final` would refit its best with it). The command line must say which it wants."""
+    """A study whose config.yaml predates trainer.ema validated its trials' epochs without
+    the weight average; going on with the new default, the pruner would judge new trials'
+    averaged epochs against them. The command line must say which it wants."""
     try:
         old = OmegaConf.load(snapshot) if snapshot.is_file() else None
     except Exception:  # unreadable: not ours to judge here
