@@ -107,8 +107,11 @@ def part1(repeats: int, precisions: list[str]) -> None:
     """Per precision: the tool's learner (its own Autocast callback when bf16) against the
     bare loop with the same autocast, same model, same device-resident batches."""
     print("\n### 1. Training step throughput (resnet18, imagenet stem, bs 128, channels-last)\n")
-    print("| precision | bare PyTorch images/s | kmnist_sweep images/s | ratio tool/bare |")
-    print("|---|---|---|---|")
+    print(
+        "| precision | bare PyTorch images/s | kmnist_sweep images/s | ratio tool/bare "
+        "| kmnist_sweep, trainer.ema=0 | ratio |"
+    )
+    print("|---|---|---|---|---|---|")
     for precision in precisions:
         cfg = compose_cfg(
             "data=synthetic",
@@ -129,12 +132,13 @@ def part1(repeats: int, precisions: list[str]) -> None:
             raise SystemExit(f"trainer.precision={precision} did not give bf16={bf16}")
         n = data.train.labels.numel()
         bare_epoch(learn, 1e-3, bf16)  # warm-up: allocator, oneDNN kernels
-        bare, tool = [], []
-        for _ in range(repeats):  # interleaved so drifts in machine load hit both alike
+        bare, tool, plain = [], [], []
+        for _ in range(repeats):  # interleaved so drifts in machine load hit all alike
             bare.append(n / bare_epoch(learn, 1e-3, bf16))
             tool.append(n / tool_epoch(learn, 1e-3, float(cfg.trainer.ema)))
-        b, t = statistics.median(bare), statistics.median(tool)
-        print(f"| {precision} | {b:.0f} | {t:.0f} | {t / b:.3f} |", flush=True)
+            plain.append(n / tool_epoch(learn, 1e-3, 0.0))
+        b, t, p = (statistics.median(x) for x in (bare, tool, plain))
+        print(f"| {precision} | {b:.0f} | {t:.0f} | {t / b:.3f} | {p:.0f} | {p / b:.3f} |")
     print(
         f"\nmedian of {repeats} interleaved epochs of {n} images each; the tool's step "
         f"includes the weight average (trainer.ema={cfg.trainer.ema})"
@@ -280,6 +284,21 @@ def part4(repeats: int) -> None:
         plain, fused_ms = statistics.median(times[False]), statistics.median(times[True])
         print(f"| {name} | {plain:.1f} | {fused_ms:.1f} | {fused_ms / plain:.2f} |")
     print(f"\nmedian of {repeats} interleaved runs of 20 steps; random gradients")
+    # What trainer.ema adds to every step: one lerp of the average towards the live weights
+    # and batch-norm buffers (train/ema.py), timed the same way.
+    state = models.resnet18(num_classes=10).state_dict().values()
+    live = [t for t in state if t.is_floating_point()]
+    average = [t.clone() for t in live]
+    lerps = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(20):
+            torch._foreach_lerp_(average, live, 0.01)
+        lerps.append((time.perf_counter() - start) / 20 * 1000)
+    print(
+        f"\nweight average (trainer.ema), one update over {sum(t.numel() for t in live) / 1e6:.1f}"
+        f" M floats: {statistics.median(lerps):.1f} ms per step (median of {repeats} runs)"
+    )
 
 
 # ------------------------------------------------------------------ part 5: step ceiling
