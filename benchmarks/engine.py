@@ -204,7 +204,9 @@ def tool_recipe(data: Dataset, overrides: list[str]) -> list[tuple[float, float]
 
 
 def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
-    return next((t for t, acc in curve if acc >= target), None)
+    # Accuracies come from float32 (0.968 is 0.96799999...); a --seed-result typed by hand
+    # is the exact decimal. A millionth is far below one image of 2,000 (0.0005).
+    return next((t for t, acc in curve if acc >= target - 1e-6), None)
 
 
 def part2(epochs: int, overrides: list[str], seed_result: list[float] | None = None) -> None:
