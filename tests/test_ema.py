@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from kmnist_sweep.data.datasets import load_dataset
 from kmnist_sweep.train import engine
-from kmnist_sweep.train.ema import WeightAverage
+from kmnist_sweep.train.ema import UPDATE_EVERY, WeightAverage
 
 FAST = ("data=synthetic", "trainer.batch_size=64", "trainer.eval_batch_size=256")
 
@@ -48,11 +48,13 @@ class Spy(Callback):
 
 
 def averages(start: list[torch.Tensor], live: list[list[torch.Tensor]], ema: float) -> list:
-    """The average after each step: decay min(ema, (1 + n) / (10 + n)) at step n."""
+    """The average after each step: at every UPDATE_EVERY-th step n it moves towards the
+    live weights with the decay min(ema, (1 + n) / (10 + n)) of each step it stands for."""
     average, out = [t.clone() for t in start], []
     for n, weights in enumerate(live, start=1):
-        decay = min(ema, (1 + n) / (10 + n))
-        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights, strict=True)]
+        if n % UPDATE_EVERY == 0:
+            decay = min(ema, (1 + n) / (10 + n)) ** UPDATE_EVERY
+            average = [decay * a + (1 - decay) * w for a, w in zip(average, weights, strict=True)]
         out.append(average)
     return out
 

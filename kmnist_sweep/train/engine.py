@@ -172,6 +172,7 @@ def build_learner(
         # Late in one-cycle, tiny gradients turn denormal and x86 slows down on them
         # (measured: epochs ~30% slower from mid-run on); flushing them to zero costs nothing.
         torch.set_flush_denormal(True)
+        memory.keep_freed_host_memory()  # freed tensors stay with the process (memory.py)
     torch.manual_seed(seed)
     model = build_model(cfg.model, dataset.num_classes)
     if use_channels_last(tcfg.channels_last, device):
