@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import gpu
 import numpy as np
@@ -103,15 +106,21 @@ def tool_epoch(learn: engine.Learner, lr: float, ema: float) -> float:
     return clock.seconds
 
 
-def part1(repeats: int, precisions: list[str]) -> None:
+def page_faults() -> int:
+    """Minor page faults of this process so far: memory the C allocator handed back to the
+    OS and got again is one fault per 4 KiB page (train/memory.py)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def part1(repeats: int, precisions: list[str], malloc_default: bool) -> None:
     """Per precision: the tool's learner (its own Autocast callback when bf16) against the
     bare loop with the same autocast, same model, same device-resident batches."""
     print("\n### 1. Training step throughput (resnet18, imagenet stem, bs 128, channels-last)\n")
     print(
         "| precision | bare PyTorch images/s | kmnist_sweep images/s | ratio tool/bare "
-        "| kmnist_sweep, trainer.ema=0 | ratio |"
+        "| kmnist_sweep, trainer.ema=0 | ratio | page faults per step: bare / tool / ema=0 |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for precision in precisions:
         cfg = compose_cfg(
             "data=synthetic",
@@ -126,22 +135,37 @@ def part1(repeats: int, precisions: list[str]) -> None:
         data = load_dataset(cfg.data)
         tiny_valid = Split(data.valid.images[:128], data.valid.labels[:128])
         data = Dataset(data.name, data.classes, data.train, tiny_valid, data.test, data.metric, "")
-        learn = engine.build_learner(cfg, data)
+        if malloc_default:  # glibc's own thresholds, as before build_learner fixed them
+            with mock.patch.object(engine.memory, "keep_freed_host_memory", return_value=False):
+                learn = engine.build_learner(cfg, data)
+        else:
+            learn = engine.build_learner(cfg, data)
         bf16 = any(isinstance(cb, engine.Autocast) for cb in learn.cbs)
         if bf16 != (precision == "bf16"):
             raise SystemExit(f"trainer.precision={precision} did not give bf16={bf16}")
         n = data.train.labels.numel()
+        steps = len(learn.dls.train)
         bare_epoch(learn, 1e-3, bf16)  # warm-up: allocator, oneDNN kernels
-        bare, tool, plain = [], [], []
+        loops: dict[str, Callable[[], float]] = {
+            "bare": partial(bare_epoch, learn, 1e-3, bf16),
+            "tool": partial(tool_epoch, learn, 1e-3, float(cfg.trainer.ema)),
+            "plain": partial(tool_epoch, learn, 1e-3, 0.0),
+        }
+        speed: dict[str, list[float]] = {name: [] for name in loops}
+        faults: dict[str, list[float]] = {name: [] for name in loops}
         for _ in range(repeats):  # interleaved so drifts in machine load hit all alike
-            bare.append(n / bare_epoch(learn, 1e-3, bf16))
-            tool.append(n / tool_epoch(learn, 1e-3, float(cfg.trainer.ema)))
-            plain.append(n / tool_epoch(learn, 1e-3, 0.0))
-        b, t, p = (statistics.median(x) for x in (bare, tool, plain))
-        print(f"| {precision} | {b:.0f} | {t:.0f} | {t / b:.3f} | {p:.0f} | {p / b:.3f} |")
+            for name, epoch in loops.items():
+                before = page_faults()
+                speed[name].append(n / epoch())
+                faults[name].append((page_faults() - before) / steps)
+        b, t, p = (statistics.median(speed[name]) for name in loops)
+        f = " / ".join(f"{statistics.median(faults[name]):.0f}" for name in loops)
+        print(f"| {precision} | {b:.0f} | {t:.0f} | {t / b:.3f} | {p:.0f} | {p / b:.3f} | {f} |")
     print(
         f"\nmedian of {repeats} interleaved epochs of {n} images each; the tool's step "
-        f"includes the weight average (trainer.ema={cfg.trainer.ema})"
+        f"includes the weight average (trainer.ema={cfg.trainer.ema}); page faults include "
+        f"each fit's set-up; glibc's malloc thresholds "
+        f"{'left at their defaults' if malloc_default else 'fixed as build_learner does'}"
     )
 
 
@@ -375,6 +399,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per loop")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], help="part 1")
+    parser.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="part 1: leave glibc's malloc thresholds at their defaults (train/memory.py)",
+    )
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the seed recipe")
     parser.add_argument("--tool", nargs="*", default=[], help="overrides for the tool recipe")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512])
@@ -388,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"machine: {machine()}")
     steps: dict[int, Callable[[], None]] = {
-        1: lambda: part1(args.repeats, args.precision),
+        1: lambda: part1(args.repeats, args.precision, args.malloc_default),
         2: lambda: part2(args.epochs, args.tool, args.seed_result),
         3: part3,
         4: lambda: part4(args.repeats),
