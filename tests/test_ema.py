@@ -15,7 +15,8 @@ from kmnist_sweep.data.datasets import load_dataset
 from kmnist_sweep.train import engine
 from kmnist_sweep.train.ema import UPDATE_EVERY, WeightAverage
 
-FAST = ("data=synthetic", "trainer.batch_size=64", "trainer.eval_batch_size=256")
+# Batch 48: 9 steps an epoch, so an epoch ends between two of the average's moves.
+FAST = ("data=synthetic", "trainer.batch_size=48", "trainer.eval_batch_size=256")
 
 
 def watched(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -47,14 +48,19 @@ class Spy(Callback):
         self.validated.append(watched(self.learn.model))
 
 
-def averages(start: list[torch.Tensor], live: list[list[torch.Tensor]], ema: float) -> list:
-    """The average after each step: at every UPDATE_EVERY-th step n it moves towards the
-    live weights with the decay min(ema, (1 + n) / (10 + n)) of each step it stands for."""
-    average, out = [t.clone() for t in start], []
+def averages(
+    start: list[torch.Tensor], live: list[list[torch.Tensor]], ema: float, per_epoch: int
+) -> list:
+    """The average after each step: it moves towards the live weights after UPDATE_EVERY
+    steps and at an epoch's end, with the decay min(ema, (1 + n) / (10 + n)) of step n
+    raised to the number of steps since it last moved."""
+    average, out, pending = [t.clone() for t in start], [], 0
     for n, weights in enumerate(live, start=1):
-        if n % UPDATE_EVERY == 0:
-            decay = min(ema, (1 + n) / (10 + n)) ** UPDATE_EVERY
+        pending += 1
+        if pending == UPDATE_EVERY or n % per_epoch == 0:
+            decay = min(ema, (1 + n) / (10 + n)) ** pending
             average = [decay * a + (1 - decay) * w for a, w in zip(average, weights, strict=True)]
+            pending = 0
         out.append(average)
     return out
 
@@ -77,7 +83,8 @@ def test_validation_scores_the_average_before_the_last_epoch_training_the_live_w
     assert float(compose_cfg(*FAST).trainer.ema) == 0.99  # the shipped default
     spy, final, steps = run(compose_cfg)
     assert len(spy.live) == 3 * steps and len(spy.validated) == 3
-    expected = averages(spy.start, spy.live, 0.99)
+    assert steps % UPDATE_EVERY  # an epoch ends between two moves of the average
+    expected = averages(spy.start, spy.live, 0.99, steps)
     for epoch in (0, 1):
         last = (epoch + 1) * steps - 1  # the epoch's last optimiser step
         assert close(spy.validated[epoch], expected[last])
