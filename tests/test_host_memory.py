@@ -16,8 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Frees 3 x 16 MiB from the top of the heap and allocates them again (glibc's default trim
-# threshold ends at 32 MiB at most, so 48 MiB free there is handed back): the page faults of
+# Frees 3 x 16 MiB from the top of the heap and allocates them again (a fresh process's
+# adaptive trim threshold lies below 48 MiB, so glibc hands them back): the page faults of
 # that second allocation, before and after building a learner on the CPU.
 SCRIPT = r"""
 import ctypes, resource

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import platform
 import resource
 from pathlib import Path
@@ -29,9 +30,10 @@ MMAP_THRESHOLD = 32 * 2**20  # bytes; glibc's largest, and the most its adaptive
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
+@functools.cache  # once per process: platform.libc_ver() reads the Python executable
 def keep_freed_host_memory() -> bool:
-    """Fix glibc's malloc thresholds for this process (idempotent). False, and nothing
-    changed, where the C library is not glibc (macOS, musl)."""
+    """Fix glibc's malloc thresholds for this process. False, and nothing changed, where
+    the C library is not glibc (macOS, musl)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
