@@ -205,6 +205,39 @@ def test_the_median_needs_n_min_trials_finished_trials_at_a_step(
         assert where in describe_trial(trial, ["val/acc"])
 
 
+@pytest.mark.parametrize(("pruner", "state"), [("median", "PRUNED"), ("percentile", "COMPLETE")])
+def test_a_percentile_pruner_stops_only_the_bottom_of_the_jury(
+    compose_cfg: Callable[..., DictConfig], tmp_path: Path, pruner: str, state: str
+) -> None:
+    """Three finished 10-epoch trials: two far ahead (2.0, an accuracy no run reaches), one
+    far behind (-1.0). A new trial lies between them at every step, under the median (2.0)
+    but above the 10th percentile (-0.4): `+sweep=full_cpu`'s `percentile: 90` lets it
+    finish, where the median pruner stops it at its first judged epoch."""
+    cfg = _cfg(
+        compose_cfg,
+        tmp_path,
+        "+sweep=full_cpu",
+        "data.n_train=256",
+        "study.pruner.n_warmup_steps=1",
+        f"study.pruner.type={pruner}",
+    )
+    assert cfg.study.pruner.percentile == 90.0 and cfg.study.pruner.n_min_trials == 3
+    objective = make_objective(cfg)
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=build_pruner(cfg.study.pruner, epochs_searched_up_to(objective.params)),
+    )
+    for value in (2.0, 2.0, -1.0):
+        _finished_trial(study, dict.fromkeys(range(10, 101, 10), value), {"trainer.epochs": 10})
+    study.enqueue_trial({"trainer.epochs": 8})
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[-1]
+    assert trial.state == optuna.trial.TrialState[state], trial.user_attrs.get("reason")
+    steps = sorted(trial.intermediate_values)
+    assert steps[-1] == 100 if state == "COMPLETE" else steps == [10]
+
+
 def test_each_grid_step_goes_to_the_nearest_epoch() -> None:
     """12 epochs: epochs 3 (25%) and 9 (75%) report nothing, as 4 (33%) and 10 (83%) are
     nearer to 30 and 80; a 30-epoch run reports every third epoch; exact percent off the grid."""

@@ -141,7 +141,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "small")
 DATASETS = ("kmnist", "k49", "kkanji", "kmnist_sample", "synthetic")
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp")
-PRUNERS = ("none", "median", "halving", "hyperband")
+PRUNERS = ("none", "median", "percentile", "halving", "hyperband")
 TEST_VIEW_COUNTS = (1, 5, 9)  # train/views.py: the image; + its 4 neighbours; + 4 diagonals
 
 SCHEMA: dict[str, Key] = {
@@ -243,6 +243,9 @@ SCHEMA: dict[str, Key] = {
     "study.pruner.n_startup_trials": _int("finished trials before pruning", 0),
     "study.pruner.n_warmup_steps": _int("epochs before a trial may be pruned", 0),
     "study.pruner.n_min_trials": _int("finished trials a step's median needs", 1),
+    "study.pruner.percentile": _float(
+        "percent of finished trials' values a trial must stay in", 0, 100
+    ),
     "study.pruner.min_resource": _int("epochs every trial gets"),
     "study.pruner.max_resource": _int("epochs of a trial never stopped"),
     "study.pruner.reduction_factor": _int("1 in this many trials go on at each rung"),

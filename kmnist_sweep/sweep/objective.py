@@ -240,7 +240,7 @@ class _TrialRun:
         # 5-epoch run half-way, not with its annealed end (`report_steps`).
         self.by_fraction = any(p.name == "trainer.epochs" for p in objective.params)
         pruner = objective.cfg.study.pruner
-        grid = 10 if str(pruner.get("type")) == "median" else 1
+        grid = 10 if str(pruner.get("type")) in ("median", "percentile") else 1
         self.steps = (
             report_steps(self.epochs, grid)
             if self.by_fraction

@@ -95,23 +95,28 @@ def build_pruner(
 
     When the number of epochs is searched (up to `longest_epochs`), trials report at
     the percent of their own schedule done (sweep/objective.py; on a 10% grid for the
-    median pruner, which compares trials only at a step they share), and the resource is
-    that percent: Hyperband's budget is the whole schedule (100) whatever its length, min_resource
-    the same share of the longest schedule, and the median pruner's warm-up is counted in
-    each trial's own epochs by the objective."""
+    median and percentile pruners, which compare trials only at a step they share), and
+    the resource is that percent: Hyperband's budget is the whole schedule (100) whatever
+    its length, min_resource the same share of the longest schedule, and the median and
+    percentile pruners' warm-up is counted in each trial's own epochs by the objective."""
     kind = str(pruner_cfg.get("type", "none"))
     by_fraction = longest_epochs is not None
     if kind in ("none", "None", "null"):
         return optuna.pruners.NopPruner()
-    if kind == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=int(pruner_cfg.get("n_startup_trials", 5)),
+    if kind in ("median", "percentile"):
+        jury = {
+            "n_startup_trials": int(pruner_cfg.get("n_startup_trials", 5)),
             # By fraction the objective also holds each trial back for its own first epochs.
-            n_warmup_steps=int(pruner_cfg.get("n_warmup_steps", 0)),
+            "n_warmup_steps": int(pruner_cfg.get("n_warmup_steps", 0)),
             # With 1, one finished trial is the whole jury at a step: after a strong trial 0
             # (study.start_from_defaults) every run that trails it mid-schedule is stopped.
-            n_min_trials=int(pruner_cfg.get("n_min_trials", 1)),
-        )
+            "n_min_trials": int(pruner_cfg.get("n_min_trials", 1)),
+        }
+        if kind == "median":
+            return optuna.pruners.MedianPruner(**jury)
+        # Optuna's jury is the complete trials only, the survivors of earlier pruning, so a
+        # median rises as a study goes on; a high percentile stops only the clear losers.
+        return optuna.pruners.PercentilePruner(float(pruner_cfg.get("percentile", 50.0)), **jury)
     min_resource = int(pruner_cfg.get("min_resource", 1))
     reduction = int(pruner_cfg.get("reduction_factor", 3))
     if longest_epochs is not None:
