@@ -3,7 +3,7 @@
 What a sweep finds on kmnist_sample in one wall-clock budget (15 min by default), each arm
 run through the CLI as a user runs it, one after another on the same machine:
 
-  a. the shipped full search (TPE sampler, median pruner, trial 0 the defaults):
+  a. the shipped full search (TPE sampler, its pruner, trial 0 the defaults):
      `+sweep=full_cpu` without a GPU, `+sweep=full` with one (`--sweep` picks)
   b. the same without pruning
   c. plain random sampling without pruning (no queued defaults: every trial sampled)
@@ -53,7 +53,7 @@ from kmnist_sweep.results.bundle import load_model, read_bundle  # noqa: E402
 from kmnist_sweep.results.predict import evaluate  # noqa: E402
 
 ARMS = {
-    "a": ("as shipped (TPE, median pruner)", []),
+    "a": ("as shipped (TPE, its pruner)", []),
     "b": ("no pruning", ["study.pruner.type=none"]),
     "c": (
         "random sampling, no pruning",
