@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from kmnist_sweep.data.datasets import load_dataset
 from kmnist_sweep.sweep.objective import make_objective, report_steps
 from kmnist_sweep.sweep.progress import describe_trial
-from kmnist_sweep.sweep.study import build_pruner, epochs_searched_up_to
+from kmnist_sweep.sweep.study import build_pruner, epochs_searched_up_to, open_sweep_study
 from kmnist_sweep.train import batch_size, engine
 from tests.conftest import run_cli
 
@@ -220,14 +220,11 @@ def test_a_percentile_pruner_stops_only_the_bottom_of_the_jury(
         "data.n_train=256",
         "study.pruner.n_warmup_steps=1",
         f"study.pruner.type={pruner}",
+        f"study.storage=sqlite:///{tmp_path / 'study.db'}",
     )
     assert cfg.study.pruner.percentile == 90.0 and cfg.study.pruner.n_min_trials == 3
     objective = make_objective(cfg)
-    study = optuna.create_study(
-        direction="maximize",
-        sampler=optuna.samplers.RandomSampler(seed=0),
-        pruner=build_pruner(cfg.study.pruner, epochs_searched_up_to(objective.params)),
-    )
+    study = open_sweep_study(cfg.study, objective.params, 0, None)  # as a sweep's worker does
     for value in (2.0, 2.0, -1.0):
         _finished_trial(study, dict.fromkeys(range(10, 101, 10), value), {"trainer.epochs": 10})
     study.enqueue_trial({"trainer.epochs": 8})

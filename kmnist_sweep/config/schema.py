@@ -142,6 +142,7 @@ STEMS = ("imagenet", "small")
 DATASETS = ("kmnist", "k49", "kkanji", "kmnist_sample", "synthetic")
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp")
 PRUNERS = ("none", "median", "percentile", "halving", "hyperband")
+STEP_PRUNERS = ("median", "percentile")  # judge a trial against others at a step they share
 TEST_VIEW_COUNTS = (1, 5, 9)  # train/views.py: the image; + its 4 neighbours; + 4 diagonals
 
 SCHEMA: dict[str, Key] = {

@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial
 
 from kmnist_sweep import trial_attrs
 from kmnist_sweep.config.check import objectives
+from kmnist_sweep.config.schema import STEP_PRUNERS
 from kmnist_sweep.config.search_space import (
     Param,
     apply_params,
@@ -240,7 +241,7 @@ class _TrialRun:
         # 5-epoch run half-way, not with its annealed end (`report_steps`).
         self.by_fraction = any(p.name == "trainer.epochs" for p in objective.params)
         pruner = objective.cfg.study.pruner
-        grid = 10 if str(pruner.get("type")) in ("median", "percentile") else 1
+        grid = 10 if str(pruner.get("type")) in STEP_PRUNERS else 1
         self.steps = (
             report_steps(self.epochs, grid)
             if self.by_fraction

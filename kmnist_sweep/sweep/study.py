@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kmnist_sweep import trial_attrs
 from kmnist_sweep.config.check import objectives
+from kmnist_sweep.config.schema import STEP_PRUNERS
 from kmnist_sweep.config.search_space import Param, optuna_name, pow2_exponents, space_difference
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.masking import mask_url
@@ -103,7 +104,7 @@ def build_pruner(
     by_fraction = longest_epochs is not None
     if kind in ("none", "None", "null"):
         return optuna.pruners.NopPruner()
-    if kind in ("median", "percentile"):
+    if kind in STEP_PRUNERS:
         jury = {
             "n_startup_trials": int(pruner_cfg.get("n_startup_trials", 5)),
             # By fraction the objective also holds each trial back for its own first epochs.
