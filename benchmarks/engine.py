@@ -262,7 +262,7 @@ def part2(
         (seed_s, target), reach = seed_curve[-1], time_to(tool_curve, seed_curve[-1][1])
         if reach is not None:
             ratios.append(reach / seed_s)
-        reach_s = f"{reach:.1f} ({reach / seed_s:.2f} of seed)" if reach else "not reached"
+        reach_s = f"{reach:.1f} ({reach / seed_s:.3f} of seed)" if reach else "not reached"
         print(
             f"| {seed} | {seed_lr:.2e} | {target:.4f} | {seed_s:.1f} "
             f"| {tool_curve[-1][1]:.4f} | {tool_curve[-1][0]:.1f} | {reach_s} |"
@@ -274,7 +274,7 @@ def part2(
     if seed_result:
         print("\n(seed recipe figures reused from an earlier run: --seed-result)")
     reached = f"{len(ratios)} of {len(seeds)} seeds reached the seed's accuracy"
-    median = f"median ratio {statistics.median(ratios):.2f}" if ratios else "no ratio"
+    median = f"median ratio {statistics.median(ratios):.3f}" if ratios else "no ratio"
     print(f"\n{median} ({reached}; {epochs} epochs each)\n")
     print("per-epoch held-out accuracy (s, acc):")
     print("\n".join(curves))
