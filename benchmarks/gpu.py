@@ -12,7 +12,9 @@ d. trials per hour with 1, 2, 4 and 8 trials packed on one GPU (gpu_pack.py);
 a. training images/s for resnet18/34/50, imagenet and small stems, batch 128/512/2048,
    bf16 or fp32, channels-last or not (72 rows);
 e. torch.compile: compile time, step speed-up, and what a second trial of the same shape
-   pays (same process: a fresh model; new process: the compile caches on disk).
+   pays (same process: a fresh model; new process: the compile caches on disk);
+f. `predict`'s inference: images/s of the class probabilities a bundle's model gives, with
+   1 and 5 test-time views (the path `predict` and `final`'s test take, in fp32).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from gpu_lib import (
 
 from kmnist_sweep.config.device import pick_device
 from kmnist_sweep.train import engine
+from kmnist_sweep.train.views import class_probabilities
 
 TARGETS = (
     "ResNet-18 imagenet stem bf16 >= 100,000 training images/s; a 60k-image epoch < 1 s; "
@@ -193,6 +196,38 @@ def packed(figures: Figures, args: argparse.Namespace, budget: Budget, found: Fo
     found.update({f"d/{n}": v for n, v in per_hour.items()})
 
 
+# ------------------------------------------------------------------ f. predict
+
+
+def predict_speed(
+    figures: Figures, args: argparse.Namespace, budget: Budget, found: Found
+) -> None:
+    n, batches = sizes(args.tiny)["predict"]
+    data = random_data(256, n)
+
+    def measure(bs: int, views: int) -> str:
+        learn = learner(args.device, data)
+        model, device = learn.model, learn.dls.train.device
+        images = data.valid.images
+        class_probabilities(model, images[:bs], 0.5, 0.25, views=views, device=device, batch=bs)
+        sync(device)  # the first call pays for kernel loads
+        start = time.perf_counter()
+        class_probabilities(model, images, 0.5, 0.25, views=views, device=device, batch=bs)
+        sync(device)
+        rate = n / (time.perf_counter() - start)
+        found[f"f/{bs}/{views}"] = rate
+        return f"{rate:,.0f}"
+
+    figures(
+        f"\n### 3f. predict: class probabilities of {n:,} images (resnet18 imagenet stem, fp32, "
+        "eval mode, the uint8 images moved to the device per batch as predict does)\n"
+    )
+    figures("| batch | views | images/s |")
+    figures("|---|---|---|")
+    runs = [(bs, v) for bs in batches for v in (1, 5)]
+    run_rows(figures, args, budget, ((f"{bs} | {v}", partial(measure, bs, v)) for bs, v in runs))
+
+
 # ------------------------------------------------------------------ summary and main
 
 
@@ -241,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-s", type=float, default=10.0, help="budget a row must leave")
     parser.add_argument("--tiny", action="store_true", help="small sizes, on the CPU")
     parser.add_argument("--device", help="default: cuda (cpu with --tiny)")
-    parser.add_argument("--sections", default="bcdae", help="which of a-e to run, in order")
+    parser.add_argument("--sections", default="bcdfae", help="which of a-f to run, in order")
     args = parser.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     if args.tiny:  # one thread per process (children too): a few shared cores, no spinning
@@ -254,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     figures(f"\ntargets (H100/H200): {TARGETS}")
     found: Found = {}
-    sections = {"a": grid, "b": epochs, "c": engine_vs_bare, "d": packed}
+    sections = {"a": grid, "b": epochs, "c": engine_vs_bare, "d": packed, "f": predict_speed}
     sections["e"] = gpu_compile.compile_section
     for i, section in enumerate(args.sections):
         start = time.perf_counter()

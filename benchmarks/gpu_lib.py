@@ -140,6 +140,7 @@ def sizes(tiny: bool) -> dict[str, Any]:
             compile_batch=16,
             steps=3,
             backend="eager",
+            predict=(64, (32,)),
         )
     return dict(
         archs=("resnet18", "resnet34", "resnet50"),
@@ -151,6 +152,7 @@ def sizes(tiny: bool) -> dict[str, Any]:
         compile_batch=512,
         steps=20,
         backend="inductor",
+        predict=(10000, (256, 1024)),
     )
 
 

@@ -4,12 +4,14 @@ CPU tests pin what a GPU run depends on: which device a worker pinned to one GPU
 and bf16 autocast only where the GPU has bf16 in hardware. Tests marked `gpu` run the real
 thing and skip without CUDA (tests/conftest.py): training in bf16 and channels-last through
 the engine and the command line, a real CUDA out-of-memory that halves the batch and frees
-the failed attempt, and sweeps whose two workers share one GPU.
+the failed attempt, sweeps whose two workers share one GPU, and `final` then `predict` on
+CUDA.
 `bash benchmarks/gpu_check.sh` runs them on a GPU machine, with benchmark part 3.
 """
 
 from __future__ import annotations
 
+import csv
 import gc
 import os
 import re
@@ -22,14 +24,17 @@ import optuna
 import pytest
 import torch
 from fastai.callback.core import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
+from PIL import Image
 
 from kmnist_sweep.config import device as device_rules
 from kmnist_sweep.config.device import use_bf16
 from kmnist_sweep.config.search_space import apply_params
 from kmnist_sweep.data.datasets import load_dataset
 from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.results.bundle import load_model, read_bundle
+from kmnist_sweep.results.predict import probabilities
 from kmnist_sweep.sweep.local import worker_payload
 from kmnist_sweep.sweep.objective import make_objective
 from kmnist_sweep.sweep.runner import run_sweep
@@ -322,3 +327,46 @@ def test_two_workers_on_one_gpu_finish_a_study(tmp_path: Path, workers: tuple[st
     assert len(logs) == 2
     for log in logs:
         assert "Traceback" not in log.read_text(), log
+
+
+@pytest.mark.gpu
+def test_final_and_predict_run_on_cuda_and_agree_with_the_cpu(tmp_path: Path) -> None:
+    """A one-trial study, `final` trained on CUDA, then `predict` (which picks CUDA itself)
+    on the held-out images as PNG files: its top-1 answers are the bundle's model's on the
+    CPU, image for image, and as many are right as `final` stored."""
+    sweep = cli(
+        "+sweep=batchsize",
+        "data=synthetic",
+        "data.n_train=2048",
+        "trainer.epochs=0",
+        "study.n_trials=1",
+        "++search_space.trainer.batch_size.low=64",
+        "++search_space.trainer.batch_size.high=64",
+        "tracking=disabled",
+        "trainer.device=cuda",
+        cwd=tmp_path,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    study_dir = tmp_path / "sweeps" / "batchsize-synthetic"
+    final = cli("final", str(study_dir), "trainer.epochs=3", "trainer.device=cuda", cwd=tmp_path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    bundle_path = study_dir / "model-trial0.zip"
+    bundle = read_bundle(bundle_path)
+    assert bundle.config["trainer"]["device"] == "cuda"
+
+    test = load_dataset(OmegaConf.create(bundle.config).data).test
+    folder = tmp_path / "held-out"
+    folder.mkdir()
+    for i, image in enumerate(test.images.numpy()):
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+    out = cli("predict", str(bundle_path), str(folder), "--top-k", "1", "--csv", "p.csv",
+              cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    with (tmp_path / "p.csv").open(encoding="utf-8") as fh:
+        on_cuda = [int(row["class"]) for row in csv.DictReader(fh)]
+    model = load_model(bundle, bundle_path, torch.device("cpu"))
+    on_cpu = probabilities(model, bundle, test.images, torch.device("cpu")).argmax(-1).tolist()
+    agree = sum(a == b for a, b in zip(on_cuda, on_cpu, strict=True))
+    assert agree >= len(on_cpu) - 1, (agree, len(on_cpu))  # fp32 both: a tie may flip one
+    right = sum(p == t for p, t in zip(on_cuda, test.labels.tolist(), strict=True))
+    assert abs(right - bundle.metrics["test/acc"] * len(on_cpu)) <= 1
