@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import kmnist_sweep  # noqa: F401  (torchvision compat before fastai loads)
 from kmnist_sweep.config.check import check_config
-from kmnist_sweep.config.compose import CONF_DIR, preflight
+from kmnist_sweep.config.compose import CONF_DIR, compose_config, preflight
 from kmnist_sweep.errors import Interrupted, SweepStopped, UserError
 from kmnist_sweep.masking import mask_url, scrub, scrub_text
 from kmnist_sweep.sweep.storage import copy_study, open_storage
@@ -101,7 +101,8 @@ def _rounded(value: float | None) -> str:
 
 
 def report_only(cfg: DictConfig) -> None:
-    """`python -m kmnist_sweep report +sweep=NAME ...`: rewrite an existing study's report."""
+    """Rewrite an existing study's report from its storage and the composed config."""
+    check_config(cfg)
     storage = open_storage(str(cfg.study.storage))
     try:
         study = optuna.load_study(study_name=str(cfg.study.name), storage=storage)
@@ -115,14 +116,11 @@ def report_only(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """The command for a composed config: report, sweep (run_sweep checks the config) or
-    train once; the config is checked once, before any work."""
-    if cfg.search_space and MODE != "report":
+    """The command for a composed config: a sweep (run_sweep checks the config) or one
+    training run; the config is checked once, before any work."""
+    if cfg.search_space:
         return sweep(cfg)
     check_config(cfg)
-    if MODE == "report":
-        report_only(cfg)
-        return None
     return train_once(cfg)
 
 
@@ -162,9 +160,6 @@ def save_snapshot(cfg: DictConfig) -> None:
         (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
     except OSError as exc:
         raise UserError(f"cannot write the run's config to {run_dir}: {exc}") from None
-
-
-MODE = "run"  # "report" when the first argument is the word report
 
 
 def copy_study_cli(args: list[str]) -> None:
@@ -257,14 +252,34 @@ def guarded(work: Callable[[], T]) -> T:
         fail(f"interrupted: {exc or 'interrupted'}", getattr(exc, "exit_code", 130))
 
 
+def report_cli(args: list[str]) -> None:
+    """`python -m kmnist_sweep report +sweep=NAME [key=value ...]`"""
+    parser = _Parser(
+        prog="python -m kmnist_sweep report",
+        description="Rewrite an existing study's report (sweeps/<study>/report/) from its "
+        "storage; give the overrides the sweep was run with.",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="the sweep's overrides, e.g. +sweep=batchsize data=kmnist_sample",
+    )
+    ns = parser.parse_args(args)
+    guarded(lambda: report_only(compose_config(ns.overrides)))
+
+
+# Subcommands: the first argument names one; anything else is a run or a sweep's overrides.
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "final": final_cli,
+    "predict": predict_cli,
+    "report": report_cli,
+    "copy-study": copy_study_cli,
+}
+
+
 def main() -> None:
-    global MODE
-    commands = {"copy-study": copy_study_cli, "final": final_cli, "predict": predict_cli}
-    if len(sys.argv) > 1 and sys.argv[1] in commands:
-        commands[sys.argv[1]](sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        COMMANDS[sys.argv[1]](sys.argv[2:])
         return
-    if len(sys.argv) > 1 and sys.argv[1] == "report":
-        MODE = "report"
-        del sys.argv[1]
     preflight(sys.argv[1:])
     _entry()

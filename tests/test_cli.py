@@ -12,6 +12,7 @@ import optuna
 import pytest
 import yaml
 
+from kmnist_sweep.cli import COMMANDS
 from tests.conftest import run_cli
 from tests.test_tracking import API_KEY, history, offline_runs, run_config
 
@@ -22,12 +23,43 @@ def cli(
     return run_cli(*args, cwd=cwd, env=env)
 
 
-def test_help_lists_the_config_groups(tmp_path: Path) -> None:
+def test_help_lists_the_subcommands_and_config_groups(tmp_path: Path) -> None:
     out = cli("--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    for name in COMMANDS:  # final, predict, report, copy-study
+        assert re.search(rf"^python -m kmnist_sweep {name} ", out.stdout, re.M), name
     for group in ("data", "model", "trainer", "lr_finder", "batch_size", "study", "sweep"):
         assert re.search(rf"^{group}: ", out.stdout, re.M), f"group {group} missing"
     assert "kmnist_sample" in out.stdout and "batchsize" in out.stdout
+
+
+def test_report_subcommand_rewrites_a_studys_report(tmp_path: Path) -> None:
+    """`report` composes the config the sweep ran with and rewrites its report from the
+    study's storage; a study that is not there is one line and exit status 2."""
+    (tmp_path / "storage").mkdir()
+    study = optuna.create_study(
+        study_name="lr-synthetic",
+        storage=f"sqlite:///{tmp_path}/storage/lr-synthetic.db",
+        direction="maximize",
+    )
+    for lr in (0.01, 0.05, 0.2):
+        trial = study.ask({"trainer.lr": optuna.distributions.FloatDistribution(1e-3, 1.0)})
+        for epoch in (1, 2, 3):
+            trial.report(0.5 + epoch * lr, epoch)
+        study.tell(trial, 0.5 + 3 * lr)
+    helped = cli("report", "--help", cwd=tmp_path)
+    assert "usage: python -m kmnist_sweep report" in helped.stdout, helped.stderr
+    args = ("report", "+sweep=lr", "data=synthetic", "tracking=disabled")
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    page = tmp_path / "sweeps" / "lr-synthetic" / "report" / "report.html"
+    assert out.stdout.strip().endswith(f"report: {page.relative_to(tmp_path)}"), out.stdout
+    assert "lr-synthetic" in page.read_text()
+    missing = cli(*args, "study.name=nope", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (
+        "kmnist_sweep: error: no study 'nope' in sqlite:///storage/nope.db"
+    ), missing.stderr
 
 
 # Bad input (one line, exit 2, nothing changed): docs/bad-input.md, tests/test_bad_input.py.
