@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import kmnist_sweep  # noqa: F401  (torchvision compat first)
+from kmnist_sweep.data.datasets import K49_CLASSES, KMNIST_CLASSES
 from kmnist_sweep.results import confusion, report
 from kmnist_sweep.results.report import confusion_matrix, write_report
 
@@ -153,3 +154,19 @@ def test_labels_fall_back_to_code_points_without_a_cjk_font(
 def glyph_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
     """matplotlib's complaints about characters its font cannot draw (empty boxes)."""
     return [str(w.message) for w in caught if "missing from font" in str(w.message)]
+
+
+def test_a_pip_install_alone_draws_the_characters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no CJK font installed on the machine (none in matplotlib's cache or the system's
+    list), the font shipped by a dependency covers KMNIST's and K49's classes and the arrow of
+    the misclassified grid, so the labels are the characters, not U+XXXX."""
+    monkeypatch.setattr(confusion.font_manager.fontManager, "ttflist", [])
+    monkeypatch.setattr(confusion.font_manager, "findSystemFonts", lambda *a, **k: [])
+    confusion._font_covering.cache_clear()
+    try:
+        text = "".join(KMNIST_CLASSES + K49_CLASSES) + "→"
+        font = confusion.find_cjk_font(text)
+    finally:
+        confusion._font_covering.cache_clear()
+    assert font is not None and font.get_file() == confusion.shipped_font()
+    assert confusion.tick_labels(["お", "ゝ"], font) == ["お", "ゝ"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib.util
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,10 @@ MAX_PLOTTED_CLASSES = 60  # larger confusion matrices show the classes with the 
 MAX_MATRIX_CSV_CLASSES = 100  # above this confusion.csv lists non-zero cells instead
 GRID_SIDE = 6  # misclassified images: at most GRID_SIDE x GRID_SIDE
 CONFUSION_CSV = "confusion.csv"
-# Japanese-capable font families, best first; the first one whose glyphs cover every label is used.
+# The font a pip install brings (matplotlib-fontja's IPAexGothic: kana and JIS kanji), found
+# without importing the package, which would change matplotlib's global font settings.
+SHIPPED_FONT = ("matplotlib_fontja", "fonts/ipaexg.ttf")
+# Installed Japanese-capable families, tried after the shipped font (for kanji it lacks).
 CJK_FONT_NAMES = re.compile(
     r"Sans CJK|CJK|Source Han|IPAex?Gothic|IPA|Takao|Noto Sans JP|Droid Sans Fallback|"
     r"WenQuanYi|Hiragino|Yu Gothic|Meiryo|MS Gothic",
@@ -138,17 +142,21 @@ def find_cjk_font(text: str) -> FontProperties | None:
     return FontProperties(fname=path) if path else None
 
 
+def shipped_font() -> str | None:
+    """The path of the CJK font shipped by a dependency, or None where it is not installed."""
+    spec = importlib.util.find_spec(SHIPPED_FONT[0])
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    paths = [Path(folder, SHIPPED_FONT[1]) for folder in folders]
+    return next((str(p) for p in paths if p.is_file()), None)
+
+
 @functools.cache
 def _font_covering(needed: frozenset[int]) -> str | None:
-    # matplotlib's font cache is built once and misses fonts installed later, so ask the
-    # system's font list too; Sans before Serif, reading a charmap only for likely names.
-    known = [(f.name, f.fname) for f in font_manager.fontManager.ttflist]
-    system = [(Path(p).stem, p) for p in font_manager.findSystemFonts()]
-    candidates = [(name, path) for name, path in known + system if CJK_FONT_NAMES.search(name)]
-    candidates.sort(
-        key=lambda item: ("Serif" in item[0] or "Mincho" in item[0], "Bold" in item[1])
-    )
-    for _, path in dict.fromkeys(candidates):
+    tried: set[str] = set()
+    for path in _font_candidates():
+        if path in tried:
+            continue
+        tried.add(path)
         try:
             charmap = ft2font.FT2Font(path).get_charmap()
         except (OSError, RuntimeError, ValueError):
@@ -159,6 +167,22 @@ def _font_covering(needed: frozenset[int]) -> str | None:
         "report: no installed font has all %d class characters; using code points", len(needed)
     )
     return None
+
+
+def _font_candidates() -> Iterator[str]:
+    """The shipped font first, so that a report looks the same on every machine; then the
+    installed CJK fonts, Sans before Serif. matplotlib's font cache is built once and misses
+    fonts installed later, so the system's font list is asked too."""
+    shipped = shipped_font()
+    if shipped:
+        yield shipped
+    known = [(f.name, f.fname) for f in font_manager.fontManager.ttflist]
+    system = [(Path(p).stem, p) for p in font_manager.findSystemFonts()]
+    candidates = [(name, path) for name, path in known + system if CJK_FONT_NAMES.search(name)]
+    candidates.sort(
+        key=lambda item: ("Serif" in item[0] or "Mincho" in item[0], "Bold" in item[1])
+    )
+    yield from (path for _, path in candidates)
 
 
 class SkipPlot(Exception):
