@@ -12,7 +12,7 @@ loader cut to its first `--steps` batches (the peak is reached in the first step
 epoch takes minutes on a CPU), then validates on the whole valid split as every epoch does.
 The Kanji tar is decoded once into its cache by an untimed first run, as a user's first run
 does; the measured runs read the cache. Each set is measured `--repeats` times (median: a
-run's peak varies by up to 80 MB). Prints a markdown table for docs/benchmarks.md.
+run's peak varies from run to run). Prints a markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations

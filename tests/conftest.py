@@ -52,9 +52,7 @@ def compose_cfg() -> Callable[..., DictConfig]:
     return _compose
 
 
-# The longest files, longest first (seconds in CI's `pytest -n 2 --dist loadfile`, one torch
-# thread each: the final model's fixture 314, the fault matrix ~400 in all, the batch-size
-# sweeps 140 and 120, the halving trials 75 and 67, the bad-input cases 190 in all). They go to
+# The longest files, longest first (`pytest --durations` in CI shows their times). They go to
 # the two processes first (.ci/run keeps this order with --no-loadscope-reorder): a long file
 # started last would run alone at the end while the other process idles.
 LONGEST_FIRST = (

@@ -30,7 +30,7 @@ from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
-FINAL_EPOCHS = 6  # epochs of the final fit (accuracy measured: see the report of issue 14)
+FINAL_EPOCHS = 6  # epochs of the final fit: a real model, not a random one
 PASSWORD = "hunter2-not-for-bundles"
 
 

@@ -159,8 +159,8 @@ def _big_requests(constrained: bool, seed: int) -> int:
 
 
 def test_constraints_make_infeasible_batch_sizes_rarer() -> None:
-    # Measured over three seeds: proposals above 128 in trials 10-59, with and without
-    # (here: 49 vs 94 of 150; random proposals would put 4/7 of them above 128).
+    # Proposals above 128 in trials 10-59 over three seeds, with and without constraints
+    # (random proposals would put 4/7 of them above 128).
     with_c = sum(_big_requests(True, s) for s in range(3))
     without = sum(_big_requests(False, s) for s in range(3))
     print(f"requests above 128 after start-up: constrained {with_c}/150, plain {without}/150")

@@ -1,4 +1,4 @@
-"""What a sweep tells the sampler and the user must not mislead (issue 12): batch-size
+"""What a sweep tells the sampler and the user must not mislead: batch-size
 records on every end state, memory of a failed attempt freed before the retry, long runs not
 pruned for being long, no test metric before the final model, cmaes in the pinned set."""
 

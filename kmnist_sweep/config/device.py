@@ -52,11 +52,10 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     """`auto`: bf16 autocast on a CUDA GPU that has it, fp32 elsewhere; `bf16` where the
     hardware has it (GPU or CPU), else an error.
 
-    Not `auto` on CPUs: on this project's Xeon (AVX512-BF16, AMX), bf16 autocast training
-    with torch 2.13 gave a NaN loss a few steps into some runs after earlier runs in the same
-    process (1 of 4 repeated batch-fallback runs; 0 of 6 in fp32). The guard then halves the
-    batch, so a sweep would record a smaller batch than the trial asked for. See
-    docs/benchmarks.md ("bf16 on CPU")."""
+    Not `auto` on CPUs: bf16 autocast training on a CPU with native bf16 gave a NaN loss a
+    few steps into some runs after earlier runs in the same process, where fp32 did not. The
+    guard then halves the batch, so a sweep would record a smaller batch than the trial asked
+    for. See docs/benchmarks.md ("bf16 on CPU")."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"trainer.precision={precision!r} is not auto, bf16 or fp32")
     if precision == "fp32":

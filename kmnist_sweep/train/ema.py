@@ -1,36 +1,17 @@
 """An exponential moving average of the weights (`trainer.ema`): what validation scores at
 every epoch but the last.
 
-While one-cycle's LR is high the weights jump from step to step and a snapshot of them
-scores low; their running average sits nearer the valley they circle. Measured on
-kmnist_sample (the defaults, 2,000 held-out images, docs/benchmarks.md part 2): after 3 of
-10 epochs the average scores 0.9625 where the weights score 0.936. Trials are judged at
-every epoch, so the pruner sees nearer what a run will end at, and a single run passes a
-given accuracy epochs sooner.
+While one-cycle's LR is high the weights jump from step to step, and their running average
+sits nearer the valley they circle, so trials are judged nearer where they will end. By the
+last epoch the LR has annealed and the average has nothing left to smooth: the last epoch
+validates the trained weights, and they are the model a run keeps. Training never reads the
+average (tests/test_ema.py).
 
-By the last epoch the LR has annealed to almost nothing and the average has nothing left
-to smooth: left as the final model it scored 1-4 images of 2,000 lower than the weights on
-each of 3 seeds (docs/benchmarks.md, "The default recipe"). So the last epoch validates the
-trained weights, and they are the model a run ends with: training never reads the average,
-and a run's final weights are the same with it or without it (tests/test_ema.py).
-
-The decay after n optimiser steps is min(trainer.ema, (1 + n) / (10 + n)), the warm-up of
-TensorFlow's ExponentialMovingAverage: early on the average forgets its random start fast.
-The warm-up holds the decay under trainer.ema until step (10 e - 1) / (1 - e): 890 steps
-for 0.99, nearly 8 of the default run's 10 epochs on kmnist_sample (113 steps each at batch
-64). Until then the average spans about the last ninth of the steps so far, (10 + n) / 9,
-and trainer.ema only sets where that growth stops. Longer windows from the first steps
-(the bias-corrected averages of 0.99 and 0.995) scored lower after epochs 1 to 4 of part 2,
-seeds 0 to 2, so the warm-up stays. Batch-norm running statistics are averaged like the
-weights.
-
-The average moves every UPDATE_EVERY optimiser steps, by the decay of each step since the
-last move, and once more before it is validated, so it always includes the epoch's last
-step (an epoch of 3 steps, batch 2048 on kmnist_sample, would otherwise validate the
-average before its first move). An update reads and writes three copies of the model, 45 MB
-each for resnet18, out of cache in training: 3.3 ms on an Intel Xeon (benchmarks/engine.py
-part 4), 2% of a 140 ms step at batch 128 if made at every step. Every 4th step still holds
-25 samples of the ~100-step window a decay of 0.99 averages over once the warm-up ends.
+The decay after n steps is min(trainer.ema, (1 + n) / (10 + n)), the warm-up of TensorFlow's
+ExponentialMovingAverage: early on the average forgets its random start fast. Batch-norm
+running statistics are averaged like the weights. An update reads and writes three copies of
+the model, so the average moves every UPDATE_EVERY steps, by the decay of each step since the
+last move, and once more before it is validated, so that it includes the epoch's last step.
 """
 
 from __future__ import annotations

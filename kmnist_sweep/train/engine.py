@@ -169,8 +169,8 @@ def build_learner(
     if device.type == "cpu":
         if int(tcfg.threads) > 0:
             torch.set_num_threads(int(tcfg.threads))
-        # Late in one-cycle, tiny gradients turn denormal and x86 slows down on them
-        # (measured: epochs ~30% slower from mid-run on); flushing them to zero costs nothing.
+        # Late in one-cycle, tiny gradients turn denormal and x86 slows down on them;
+        # flushing them to zero costs nothing.
         torch.set_flush_denormal(True)
         memory.keep_freed_host_memory()  # freed tensors stay with the process (memory.py)
     torch.manual_seed(seed)
@@ -205,9 +205,8 @@ def one_cycle_moms(momentum: float) -> tuple[float, float, float]:
 
 def _opt_func(tcfg: DictConfig) -> Callable[..., OptimWrapper]:
     # PyTorch's fused optimisers update every parameter in one kernel, on a CUDA GPU and on
-    # a CPU alike; torch's default (foreach) ones take several passes. One step over
-    # resnet18's 11 M parameters on a 2-core CPU: SGD 4.7 against 30 ms, AdamW 4.6 against
-    # 36 (`python benchmarks/engine.py --part 4`).
+    # a CPU alike; torch's default (foreach) ones take several passes (docs/benchmarks.md,
+    # `python benchmarks/engine.py --part 4`).
     if tcfg.optimizer == "adamw":
         return partial(OptimWrapper, opt=partial(torch.optim.AdamW, fused=True))
     # Nesterov needs a non-zero momentum; the schedule above sets its value each step.

@@ -25,9 +25,8 @@ from kmnist_sweep.errors import DataError
 
 
 def use_channels_last(setting: Any, device: torch.device) -> bool:
-    # `auto` is on everywhere: measured on this project's 2-core EPYC, resnet18 at 28x28
-    # trains 1.28x faster channels-last (oneDNN's preferred layout), and CUDA's tensor
-    # cores want it too. Set false to compare.
+    # `auto` is on everywhere: channels-last is oneDNN's preferred layout on CPUs and what
+    # CUDA's tensor cores want (docs/benchmarks.md). Set false to compare.
     return True if setting == "auto" else bool(setting)
 
 
@@ -73,7 +72,7 @@ def augment_batch(
     """uint8 (B, H, W) -> the standardised float (B, 1, H, W) a model trains on.
     Shifts act on the raw scan, so the rows they bring in are its black background, as in
     any test image; cutout acts after standardising, so its hole is the mean grey (0), an
-    occluder rather than erased ink (measured against black holes: docs/benchmarks.md)."""
+    occluder rather than erased ink."""
     if aug.translate > 0:
         images = shift_batch(images.unsqueeze(1), aug.translate, gen).squeeze(1)
     x = to_input(images, mean, std)
@@ -193,9 +192,7 @@ def eval_batch_size(setting: Any, image_shape: Sequence[int]) -> int:
     """Images per evaluation step: the setting, or for `auto` the largest power of two whose
     batch holds at most 256 28x28 images' pixels (256 for KMNIST and K49, 32 for 64x64
     Kanji). A step's activations grow with its pixels and a worker pays them on top of its
-    data: at 1024 64x64 images resnet18's stem alone holds 0.5 GB; on a CPU, K49 workers
-    peaked 80-160 MB higher at 1024 than at 256 (benchmarks/memory.py, docs/benchmarks.md).
-    """
+    data (benchmarks/memory.py; docs/benchmarks.md)."""
     if setting != "auto":
         return int(setting)
     pixels = max(1, math.prod(int(side) for side in image_shape))

@@ -102,9 +102,9 @@ RULES: dict[str, Rule] = {
     "valley": suggest_valley,
     "bottom": suggest_bottom,
 }
-# `suggestion: auto`: the rule that lands next to the hand-tuned LR of each optimiser on
-# kmnist_sample (docs/benchmarks.md). Adam's step is normalised, so the loss bottoms out
-# at an LR ~10x its best peak; SGD's best one-cycle peak sits at or just above the bottom.
+# `suggestion: auto`: the rule that lands next to a good LR for each optimiser
+# (docs/benchmarks.md). Adam's step is normalised, so the loss bottoms out at an LR about 10x
+# its best peak; SGD's best one-cycle peak sits at or just above the bottom.
 AUTO_RULES = {"adamw": "minimum", "sgd": "bottom"}
 
 

@@ -20,9 +20,8 @@ import torch
 # its heap, and adapts that threshold as blocks come and go. A training step frees and
 # allocates tens of MB (gradients, activations) every step; when the heap's layout puts them
 # at its top, they are handed back and every page of them faults in again on the next step.
-# Measured on an Intel Xeon, resnet18 at batch 128: ~9,500 page faults and ~7 ms of a ~140 ms
-# step, in every step of a run once the weight average's two model copies sat in the heap,
-# none without them (benchmarks/engine.py part 1; docs/benchmarks.md). Fixed thresholds keep
+# The weight average's two model copies made that happen at every step (benchmarks/engine.py
+# --part 1 --malloc-default counts the page faults; docs/benchmarks.md). Fixed thresholds keep
 # freed memory with the process, so the peak resident set is what it was; what changes is
 # that memory a run has freed is not returned to the OS until the process ends.
 TRIM_THRESHOLD = 2**30  # bytes free at the heap's top before glibc returns them

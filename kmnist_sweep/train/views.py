@@ -5,10 +5,9 @@
 
 A network trained on randomly shifted characters still answers a little differently for the
 same character one pixel off; averaging its softmax over the image as is and moved one pixel
-up, down, left and right (5 views) evens that out. On kmnist_sample the default recipe
-scored +0.1 to +0.2 points held out with 5 views on each of 3 seeds (docs/benchmarks.md,
-"Test-time views"). The test split, `final` and `predict` use `trainer.test_views`; the
-validation split stays one view, because it is scored after every epoch of every trial.
+up, down, left and right (5 views) evens that out (what it is worth: docs/benchmarks.md). The
+test split, `final` and `predict` use `trainer.test_views`; the validation split stays one
+view, because it is scored after every epoch of every trial.
 """
 
 from __future__ import annotations
