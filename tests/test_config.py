@@ -3,6 +3,8 @@ every sweep and group option composing and passing the one check pass."""
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from omegaconf import DictConfig
 
 from kmnist_sweep.config.check import check_config
 from kmnist_sweep.config.compose import CONF_DIR
+from kmnist_sweep.config.reference import COMMAND, PAGE, reference
 from kmnist_sweep.config.schema import FREE_FORM, SCHEMA
 from kmnist_sweep.errors import ConfigError
 
@@ -131,3 +134,36 @@ def test_the_lr_finder_range_is_checked_through_the_cli(tmp_path: Path) -> None:
         "kmnist_sweep: error: lr_finder.num_it=0 is not a whole number >= 10"
     )
     assert not (tmp_path / "storage").exists()
+
+
+def test_the_configuration_reference_is_current() -> None:
+    """docs/reference/config.md is what `python -m kmnist_sweep.config.reference` writes from
+    conf/ and the schema: a key, default or comment changed without it fails here."""
+    page = CONF.parents[1] / PAGE
+    assert page.read_text(encoding="utf-8") == reference(), f"stale: run {COMMAND}"
+
+
+def test_a_key_without_a_comment_or_a_schema_row_fails_the_reference(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    trainer = conf / "trainer" / "default.yaml"
+    original = trainer.read_text()
+    trainer.write_text(original + "warmup_epochs: 1        # epochs of linear warm-up\n")
+    with pytest.raises(ValueError, match=r"trainer\.warmup_epochs has no row in config/schema"):
+        reference(conf)
+    bare = re.sub(r"^(lr: 0\.07) +#.*$", r"\1", original, flags=re.M)
+    assert bare != original
+    trainer.write_text(bare)
+    with pytest.raises(ValueError, match=r"trainer\.lr has no comment"):
+        reference(conf)
+
+
+def test_conf_lines_fit_in_100_columns() -> None:
+    """A comment that does not fit goes on in comment lines indented under its key."""
+    long = [
+        f"{path.relative_to(CONF)}:{n}"
+        for path in sorted(CONF.rglob("*.yaml"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if len(line) > 100
+    ]
+    assert long == []
