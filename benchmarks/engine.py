@@ -1,4 +1,4 @@
-"""Engine benchmark, run by hand: `python benchmarks/engine.py [--part 1 2 3 4 5]`.
+"""Engine benchmark, run by hand: `python benchmarks/engine.py [--part 1 2 4 5]`.
 
 1. images/s of the tool's fastai training step vs a bare PyTorch loop (same model, batch,
    precision, device, same device-resident batches), measured in one process, interleaved.
@@ -6,7 +6,8 @@
    lr_find minimum/10, 10 epochs one-cycle) vs the tool's default recipe on kmnist_sample:
    wall time to reach the seed's final held-out accuracy, and both final accuracies.
 3. CUDA: benchmarks/gpu.py (throughput grid, 60k-image epoch, engine vs bare loop, packed
-   trials, torch.compile); `bash benchmarks/gpu_check.sh` runs it with the gpu tests.
+   trials, torch.compile); `bash benchmarks/gpu_check.sh` runs it with the gpu tests. It
+   needs a GPU, so it runs only when named (`--part 3`).
 4. One optimiser step over resnet18's parameters: torch's default (foreach) against the
    fused kernels the engine uses, SGD and AdamW, interleaved, median.
 5. The bare model's training throughput per batch size and layout (fp32 NCHW, fp32
@@ -412,7 +413,9 @@ def _bare_steps(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument(
+        "--part", type=int, nargs="+", default=[1, 2, 4, 5], help="3 (CUDA) only when named"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per loop")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], help="part 1")
     parser.add_argument(
