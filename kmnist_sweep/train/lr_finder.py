@@ -102,7 +102,7 @@ RULES: dict[str, Rule] = {
     "valley": suggest_valley,
     "bottom": suggest_bottom,
 }
-# `suggestion: auto`: the rule that lands next to a good LR for each optimiser
+# `suggestion: auto`: the rule that lands nearest a good peak LR for each optimiser
 # (docs/benchmarks.md). Adam's step is normalised, so the loss bottoms out at an LR about 10x
 # its best peak; SGD's best one-cycle peak sits at or just above the bottom.
 AUTO_RULES = {"adamw": "minimum", "sgd": "bottom"}
