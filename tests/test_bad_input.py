@@ -234,6 +234,7 @@ def test_the_docs_list_at_least_24_distinct_cases() -> None:
         assert case.line.startswith("kmnist_sweep: error: "), case.id
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     case: Case,

@@ -109,6 +109,7 @@ def test_constraint_values() -> None:
     assert batch_size.constraint(attrs)[0] > 8
 
 
+@pytest.mark.slow
 def test_injected_oom_in_real_training_halves_twice(
     compose_cfg: Callable[..., DictConfig],
 ) -> None:
@@ -159,6 +160,7 @@ def test_guard_leaves_healthy_training_alone(compose_cfg: Callable[..., DictConf
     assert len(result.history) == 1
 
 
+@pytest.mark.slow
 def test_a_halved_size_is_shown_as_halved_never_as_its_own_answer(tmp_path: Path) -> None:
     """A batch-size sweep (32, 64, 128) through the CLI where 128 runs out of memory on its
     first step (injected) and trains at 64: the answer, the report's table and the figure

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 import kmnist_sweep  # noqa: F401  (torchvision compat first)
 from tests.test_multi_objective import SMALL_FULL, TWO, cli
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "test-artifacts" / "dashboard.png"

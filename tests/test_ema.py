@@ -96,6 +96,7 @@ def test_validation_scores_the_average_before_the_last_epoch_training_the_live_w
     assert not close(final, expected[-1])
 
 
+@pytest.mark.slow
 def test_the_average_changes_no_trained_weight(compose_cfg: Callable[..., DictConfig]) -> None:
     """Training never reads the average: ema=0 ends on the very same weights."""
     _, averaged, _ = run(compose_cfg)

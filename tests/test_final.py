@@ -45,6 +45,7 @@ TOY_STUDY = (
 )
 
 
+@pytest.mark.slow
 def test_final_trains_the_trial_named_by_number(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,6 +109,7 @@ def test_final_trains_the_trial_named_by_number(
     assert chosen.values == trial_values(other) and chosen.value == other.value
 
 
+@pytest.mark.slow
 def test_a_study_from_before_test_views_and_ema_is_recorded_and_tested_as_then(
     tmp_path: Path,
 ) -> None:
@@ -127,6 +129,7 @@ def test_a_study_from_before_test_views_and_ema_is_recorded_and_tested_as_then(
     assert bundle and bundle.views == 1 and bundle.config["trainer"]["ema"] == 0
 
 
+@pytest.mark.slow
 def test_resuming_a_study_from_before_ema_asks_which_recipe(tmp_path: Path) -> None:
     """Its trials ran on the live weights: going on must not silently average new ones."""
     made = cli(*TOY_STUDY, cwd=tmp_path)

@@ -41,6 +41,7 @@ SMALL_FULL = (
 )
 
 
+@pytest.mark.slow
 def test_a_multi_objective_full_sweep_shows_its_pareto_front(tmp_path: Path) -> None:
     done = cli(*SMALL_FULL, *TWO, "study.pruner.type=none", "study.n_trials=3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

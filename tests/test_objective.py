@@ -28,6 +28,7 @@ def _cfg(compose_cfg: Callable[..., DictConfig], tmp_path: Path, *extra: str) ->
     )
 
 
+@pytest.mark.slow
 def test_injected_oom_trial_completes_at_128_with_two_halvings(
     compose_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
@@ -82,6 +83,7 @@ def test_huge_lr_halves_then_ends_with_a_reason(
     assert batch_size.constraint(attrs)[0] > 0
 
 
+@pytest.mark.slow
 def test_seeded_lr_runs_the_finder_once_and_searches_around_it(
     compose_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
@@ -158,6 +160,7 @@ def _big_requests(constrained: bool, seed: int) -> int:
     return sum(t.params["trainer.batch_size.log2"] > 7 for t in study.trials[10:])
 
 
+@pytest.mark.slow
 def test_constraints_make_infeasible_batch_sizes_rarer() -> None:
     # Proposals above 128 in trials 10-59 over three seeds, with and without constraints
     # (random proposals would put 4/7 of them above 128).

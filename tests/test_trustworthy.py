@@ -133,6 +133,7 @@ def test_the_failed_attempt_is_freed_before_the_retry_starts(
     assert seen == [([], False), ([False], False)]
 
 
+@pytest.mark.slow
 def test_long_runs_are_not_pruned_by_the_end_of_short_runs(
     compose_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
@@ -164,6 +165,7 @@ def test_long_runs_are_not_pruned_by_the_end_of_short_runs(
     ("n_min_trials", "steps"),
     [(1, [10]), (2, [10, 20]), (3, list(range(10, 101, 10)))],
 )
+@pytest.mark.slow
 def test_the_median_needs_n_min_trials_finished_trials_at_a_step(
     compose_cfg: Callable[..., DictConfig],
     tmp_path: Path,
@@ -264,6 +266,7 @@ def test_the_budget_follows_the_searched_epochs() -> None:
 # (assert_no_test_metric): the same command, run once.
 
 
+@pytest.mark.slow
 def test_cmaes_runs_a_three_trial_sweep(tmp_path: Path) -> None:
     args = [
         "+sweep=full",

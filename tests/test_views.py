@@ -100,6 +100,7 @@ def test_the_engines_test_metrics_use_the_configs_views(
     assert set(one) == {"test/loss", "test/acc", "test/bacc", "test/images"}
 
 
+@pytest.mark.slow
 def test_the_cli_says_how_many_views(tmp_path: Path) -> None:
     """(A count it does not offer is a bad-input case: docs/bad-input.md.)"""
     out = run_cli("data=synthetic", "trainer.epochs=0", "trainer.test_views=9", cwd=tmp_path)
