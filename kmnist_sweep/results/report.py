@@ -46,6 +46,7 @@ from kmnist_sweep.results.confusion import (
     write_confusion_csv,
 )
 from kmnist_sweep.results.tracking import Tracker
+from kmnist_sweep.train.metrics import balanced_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -264,12 +265,9 @@ def add_split_plots(
             "misclassified",
             lambda: plot_misclassified(pixels, labels, preds, names, font),
         )
-    support = matrix.sum(axis=1)
-    seen = support > 0
-    recall = np.diag(matrix)[seen] / support[seen]
     return {
         f"{split} accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
-        f"{split} balanced accuracy": float(recall.mean()) if recall.size else 0.0,
+        f"{split} balanced accuracy": balanced_accuracy(np.diag(matrix), matrix.sum(axis=1)),
     }
 
 

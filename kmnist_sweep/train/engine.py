@@ -28,6 +28,7 @@ from kmnist_sweep.data.contract import Dataset
 from kmnist_sweep.train import memory
 from kmnist_sweep.train.ema import WeightAverage
 from kmnist_sweep.train.loader import make_loaders, use_channels_last
+from kmnist_sweep.train.metrics import balanced_accuracy, recall_counts
 from kmnist_sweep.train.model import build_model
 from kmnist_sweep.train.views import class_probabilities, split_metrics
 
@@ -94,19 +95,13 @@ class BalancedAccuracy(Metric):
         self.total = torch.zeros(self.num_classes, dtype=torch.long)
 
     def accumulate(self, learn: Learner) -> None:
-        pred = learn.pred.argmax(dim=-1).cpu()
-        targ = learn.y.cpu()
-        self.total += torch.bincount(targ, minlength=self.num_classes)
-        self.hits += torch.bincount(targ[pred == targ], minlength=self.num_classes)
+        hits, total = recall_counts(learn.y, learn.pred.argmax(dim=-1), self.num_classes)
+        self.hits += hits
+        self.total += total
 
     @property
     def value(self) -> float:
-        seen = self.total > 0
-        return (
-            float((self.hits[seen].float() / self.total[seen].float()).mean())
-            if seen.any()
-            else 0.0
-        )
+        return balanced_accuracy(self.hits, self.total)
 
     @property
     def name(self) -> str:

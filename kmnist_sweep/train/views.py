@@ -17,6 +17,7 @@ from torch import nn
 
 from kmnist_sweep.config.schema import TEST_VIEW_COUNTS
 from kmnist_sweep.train.loader import to_input
+from kmnist_sweep.train.metrics import balanced_accuracy, recall_counts
 
 # (rows down, columns right) of each view, in the order `views` takes them: the image, its
 # four one-pixel neighbours, then the four diagonal ones.
@@ -85,13 +86,11 @@ def split_metrics(
     if len(labels) == 0:
         return {f"{prefix}/{k}": 0.0 for k in ("loss", "acc", "bacc", "images")}
     preds = probs.argmax(dim=-1)
-    total = torch.bincount(labels, minlength=num_classes)
-    hits = torch.bincount(labels[preds == labels], minlength=num_classes)
-    seen = total > 0
+    hits, total = recall_counts(labels, preds, num_classes)
     picked = probs[torch.arange(len(labels)), labels].clamp_min(1e-12)
     return {
         f"{prefix}/loss": float(-picked.log().mean()),
         f"{prefix}/acc": float((preds == labels).float().mean()),
-        f"{prefix}/bacc": float((hits[seen].float() / total[seen].float()).mean()),
+        f"{prefix}/bacc": balanced_accuracy(hits, total),
         f"{prefix}/images": float(len(labels)),
     }
