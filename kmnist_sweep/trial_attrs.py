@@ -18,9 +18,6 @@ STORAGE_ERROR = "storage_error"  # why the storage lost the trial (one line)
 INTERRUPTED = "interrupted"  # the signal that stopped it: SIGINT | SIGTERM
 ERROR = "error"  # the trial's own exception, one line: counted against study.max_failed
 
-# Attributes that explain a FAIL; a failed trial without one of them is a bug in the runner.
-FAIL_REASONS = (ERROR, INTERRUPTED, STORAGE_ERROR, SURPLUS)
-
 # ---------------------------------------------------------------- written by the runner
 
 QUEUED = "queued"  # why the runner queued the trial's values (study.start_from_defaults)
@@ -69,8 +66,3 @@ def batch_sizes(attrs: Mapping[str, Any]) -> tuple[int | None, int | None]:
         None if requested is None else int(requested),
         None if effective is None else int(effective),
     )
-
-
-def fail_reason(attrs: Mapping[str, Any]) -> str | None:
-    """The first attribute that explains a failed trial, or None."""
-    return next((key for key in FAIL_REASONS if key in attrs), None)

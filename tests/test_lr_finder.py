@@ -18,12 +18,6 @@ from kmnist_sweep.train import engine, lr_finder
 LRS = [10 ** (-7 + 0.1 * i) for i in range(81)]  # 1e-7 .. 1e1 in steps of 10**0.1
 
 
-def test_ewma_is_bias_corrected() -> None:
-    # beta 0.5 by hand: avg 0.5, 1.25, 2.125 divided by 1-0.5, 1-0.25, 1-0.125
-    assert lr_finder.ewma([1, 2, 3], beta=0.5) == pytest.approx([1.0, 5 / 3, 2.125 / 0.875])
-    assert lr_finder.ewma([4.0] * 5) == pytest.approx([4.0] * 5)  # no pull towards zero
-
-
 def test_minimum_is_a_tenth_of_the_lowest_point() -> None:
     losses = [(math.log10(lr) + 2) ** 2 for lr in LRS]  # lowest at lr = 1e-2 (i = 50)
     assert lr_finder.suggest_minimum(LRS, losses) == pytest.approx(1e-3)

@@ -33,10 +33,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 class Diverged(RuntimeError):
     """The training loss is not finite, or not falling during warm-up."""
 

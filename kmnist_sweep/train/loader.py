@@ -181,9 +181,6 @@ class DeviceLoader:
             copy.shuffle = bool(kwargs["shuffle"])
         return copy
 
-    def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return next(iter(self.new(shuffle=False)))
-
 
 EVAL_PIXELS = 256 * 28 * 28  # pixels per evaluation step for `eval_batch_size: auto`
 

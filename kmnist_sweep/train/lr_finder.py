@@ -40,15 +40,6 @@ Rule = Callable[[Sequence[float], Sequence[float]], float]
 # ---------------------------------------------------------------- pure rules
 
 
-def ewma(losses: Sequence[float], beta: float = 0.98) -> list[float]:
-    """Bias-corrected exponentially weighted average, as fastai's Recorder smooths the loss."""
-    avg, out = 0.0, []
-    for i, loss in enumerate(losses, start=1):
-        avg = beta * avg + (1 - beta) * loss
-        out.append(avg / (1 - beta**i))
-    return out
-
-
 def finite_prefix(
     lrs: Sequence[float], losses: Sequence[float]
 ) -> tuple[list[float], list[float]]:
