@@ -10,6 +10,8 @@ section in the config tunes it (all optional):
       interrupt_trial: null  # trial number that raises KeyboardInterrupt (a Ctrl-C)
       start_together: 0      # trials 0..N-1 wait (<= 60 s) until N trials run: N workers got one
       raise_trials: []       # trial numbers that raise RuntimeError at epoch 1 ("all": every one)
+      start_at: null         # epoch time (time.time()) the factory waits for: launchers
+                             # started together open a new storage at the same instant
       record_device: false   # set user attrs `device` (trainer.device as the worker got it)
                              # and `cuda_visible_devices` (its CUDA_VISIBLE_DEVICES)
 
@@ -92,6 +94,9 @@ def make_toy_objective(cfg: DictConfig) -> Callable[[optuna.Trial], float | tupl
     together = int(toy.get("start_together", 0))
     raise_trials = toy.get("raise_trials") or []
     record_device = bool(toy.get("record_device", False))
+    start_at = toy.get("start_at")
+    if start_at is not None:  # the runner builds the objective before it opens the storage
+        time.sleep(max(0.0, float(start_at) - time.time()))
     metric = str(cfg.study.metric)
     metrics = list(cfg.study.get("metrics") or [])
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sqlite3
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ SQLITE_BUSY_TIMEOUT_S = 60.0  # seconds a SQLite writer waits for the lock befor
 
 
 OPEN_ATTEMPTS = 5  # tries to open a storage that answers "database is locked"
+# PostgreSQL advisory lock key held while a storage is opened (and maybe created).
+CREATE_KEY = 0x6B6D6E697374
 
 
 # What a storage that went away raises: lost connections, refused ones, failed commits.
@@ -81,12 +84,13 @@ def open_storage(
         }
     for attempt in range(OPEN_ATTEMPTS):
         try:
-            with quiet_optuna_warnings():
+            with _creation_lock(parsed, driver_url), quiet_optuna_warnings():
                 return optuna.storages.RDBStorage(
                     driver_url, engine_kwargs=engine_kwargs, **heartbeat
                 )
         except Exception as exc:  # driver, network and schema errors all mean "cannot open"
-            if _is_lock_error(exc) and attempt + 1 < OPEN_ATTEMPTS:
+            retry = _is_lock_error(exc) or _is_creation_race(exc)
+            if retry and attempt + 1 < OPEN_ATTEMPTS:
                 time.sleep(0.2 * 2**attempt)
                 continue
             if isinstance(exc, sqlalchemy.exc.NoSuchModuleError):
@@ -99,6 +103,64 @@ def open_storage(
                 f"cannot open study.storage={mask_url(url)!r}: {_one_line(exc, url)}"
             ) from None
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _creation_lock(parsed: sqlalchemy.engine.URL, driver_url: str) -> Iterator[None]:
+    """Held while a storage is opened: the first open of a new database creates Optuna's
+    tables and version rows, and launchers started at one instant (a job array) would race
+    to create them. PostgreSQL: a session advisory lock (released with its connection, so a
+    killed process never keeps it); SQLite: a flock on the database's folder. Where neither
+    can be had (another database, a folder that refuses locks, a server that is down), the
+    open goes ahead alone: its own error says why, and a lost race is retried."""
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        with _folder_lock(Path(parsed.database or "").parent):
+            yield
+    elif backend == "postgresql":
+        with _advisory_lock(driver_url):
+            yield
+    else:
+        yield
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # no flock here (Windows), or no folder (in memory)
+        yield
+        return
+    try:
+        with suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def _advisory_lock(driver_url: str) -> Iterator[None]:
+    try:
+        engine = sqlalchemy.create_engine(driver_url, poolclass=sqlalchemy.pool.NullPool)
+    except Exception:  # no driver: RDBStorage says why
+        yield
+        return
+    try:
+        connection = engine.connect()
+    except Exception:  # down, refused: RDBStorage says why
+        engine.dispose()
+        yield
+        return
+    try:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": CREATE_KEY})
+        yield
+    finally:
+        with suppress(Exception):  # closing the session releases it in any case
+            connection.close()
+        engine.dispose()
 
 
 def _open_journal(url: str) -> BaseStorage:
@@ -159,6 +221,12 @@ def _retry_callback(max_retry: int | None) -> dict[str, Any]:
             return {"heartbeat_stale_trial_callback": callback}
         callback = optuna.storages.RetryFailedTrialCallback(max_retry=retry)
         return {"failed_trial_callback": callback}
+
+
+def _is_creation_race(exc: BaseException) -> bool:
+    """Another process created the tables or version rows between our check and insert."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlalchemy.exc.IntegrityError) or "already exists" in text
 
 
 def _is_lock_error(exc: BaseException) -> bool:
