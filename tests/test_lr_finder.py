@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import DictConfig
@@ -43,17 +42,6 @@ def test_valley_on_a_flat_curve_and_nan_tail() -> None:
     falling_then_nan = [10.0 - i for i in range(10)] + [math.nan] * 71
     # falls over i = 0..9: start -1, third 3 -> index -1 + 3 + 1 = 3
     assert lr_finder.suggest_valley(LRS, falling_then_nan) == LRS[3]
-
-
-def test_valley_matches_fastai_on_random_curves() -> None:
-    from fastai.callback.schedule import valley
-
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        losses = (np.cumsum(rng.normal(-0.05, 0.2, 60)) + 5).tolist()
-        lrs = LRS[:60]
-        theirs, _ = valley(torch.tensor(lrs), torch.tensor(losses), 60)
-        assert lr_finder.suggest_valley(lrs, losses) == pytest.approx(theirs, rel=1e-6)
 
 
 def test_suggest_trims_like_fastai() -> None:

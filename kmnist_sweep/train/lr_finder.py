@@ -21,6 +21,8 @@ from pathlib import Path
 
 import matplotlib
 import optuna
+import torch
+from fastai.callback.schedule import minimum, valley
 from fastai.learner import AvgSmoothLoss, Learner
 from omegaconf import DictConfig
 
@@ -55,37 +57,33 @@ def trim(lrs: Sequence[float], losses: Sequence[float]) -> tuple[list[float], li
     return finite_prefix(lrs, losses)
 
 
-def suggest_bottom(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """The LR of the smoothed minimum itself: Smith's peak for SGD's one cycle."""
+def as_tensors(lrs: Sequence[float], losses: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The finite part of the curve as the float64 tensors fastai's rules take (float64, so
+    a suggested LR is exactly one of the recorded ones)."""
     lrs, losses = finite_prefix(lrs, losses)
     if not losses:
         raise ValueError("the LR finder recorded no finite loss")
-    return lrs[min(range(len(losses)), key=losses.__getitem__)]
+    return torch.tensor(lrs, dtype=torch.float64), torch.tensor(losses, dtype=torch.float64)
+
+
+def suggest_bottom(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """The LR of the smoothed minimum itself (the point fastai's `minimum` marks): Smith's
+    peak for SGD's one cycle."""
+    _, (lr, _) = minimum(*as_tensors(lrs, losses), len(lrs))
+    return float(lr)
 
 
 def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """An order of magnitude below the LR of the smoothed minimum (fastai's, for Adam)."""
-    return suggest_bottom(lrs, losses) / 10
+    """fastai's `minimum`: an order of magnitude below the LR of the smoothed minimum (for
+    Adam)."""
+    lr, _ = minimum(*as_tensors(lrs, losses), len(lrs))
+    return float(lr)
 
 
 def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """fastai's valley: the longest run of falling loss, taken about half-way down it."""
-    lrs, losses = finite_prefix(lrs, losses)
-    n = len(losses)
-    if n == 0:
-        raise ValueError("the LR finder recorded no finite loss")
-    # run[i]: length of the longest strictly decreasing subsequence ending at i.
-    run = [1] * n
-    start, end = 0, 0
-    for i in range(1, n):
-        for j in range(i):
-            if losses[i] < losses[j] and run[i] < run[j] + 1:
-                run[i] = run[j] + 1
-        if run[end] < run[i]:
-            end = i
-            start = end - run[end]
-    third = (end - start) / 3
-    return lrs[start + int(third) + int(third / 2)]
+    """fastai's `valley`: the longest run of falling loss, taken about half-way down it."""
+    lr, _ = valley(*as_tensors(lrs, losses), len(lrs))
+    return float(lr)
 
 
 RULES: dict[str, Rule] = {
