@@ -42,6 +42,7 @@ def check_config(cfg: DictConfig) -> list[Param]:
     check_pruner(cfg.study.pruner)
     check_start(cfg.study)
     check_objectives(cfg)
+    check_budget(cfg.study)
     check_data(cfg.data)
     check_lr_finder(cfg.lr_finder)
     check_machine(cfg)
@@ -114,6 +115,28 @@ def check_start(study_cfg: DictConfig) -> None:
         raise ConfigError(
             "study.start_from_defaults=true does not go with study.sampler.type=grid: "
             "the grid already holds every value"
+        )
+
+
+def check_budget(study_cfg: DictConfig) -> None:
+    """study.budget plans trials by one ranking and stops on its own clock: a second clock,
+    several objectives or a fixed grid would each undo the plan."""
+    if study_cfg.get("budget") is None:
+        return
+    if study_cfg.get("timeout") is not None:
+        raise ConfigError(
+            "study.budget and study.timeout are both set: the budget already ends the sweep "
+            "on time, with its final fit; set one of them"
+        )
+    if study_cfg.get("directions") is not None:
+        raise ConfigError(
+            "study.budget ranks trials by one metric to promote them: it does not go with a "
+            "multi-objective study (study.directions)"
+        )
+    if str(study_cfg.sampler.type) == "grid":
+        raise ConfigError(
+            "study.budget chooses which trials to run: it does not go with "
+            "study.sampler.type=grid; use tpe or random"
         )
 
 

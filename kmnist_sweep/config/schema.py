@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
-from kmnist_sweep.config.values import allowed, check_choice, check_number
+from kmnist_sweep.config.values import allowed, check_choice, check_number, duration_s
 from kmnist_sweep.errors import ConfigError
 
 
@@ -136,6 +136,20 @@ def _text_list(*choices: str) -> Callable[[str, Any], Any]:
     return check
 
 
+def _rungs(key: str, value: Any) -> Any:
+    """null, or epochs of each rung: whole numbers in 1-30, each above the one before."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple | ListConfig) or not value:
+        raise ConfigError(f"{key}={value!r} is not a list of epochs or null")
+    rungs = [
+        check_number(f"{key}[{i}]", v, whole=True, low=1, high=30) for i, v in enumerate(value)
+    ]
+    if any(b <= a for a, b in zip(rungs, rungs[1:], strict=False)):
+        raise ConfigError(f"{key}={list(value)} must rise from rung to rung, e.g. [3, 10]")
+    return rungs
+
+
 FRACTION = {"low": 0, "high": 1, "high_open": True}  # [0, 1)
 ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "small")
@@ -235,6 +249,19 @@ SCHEMA: dict[str, Key] = {
     ),
     "study.n_trials": _int("finished trials in total", 1),
     "study.timeout": _float("seconds", 0, nullable=True),
+    "study.budget": Key(
+        "custom",
+        "wall-clock time of search and final fit",
+        custom=lambda k, v: duration_s(k, v),
+        accepts="a duration (90s, 15m, 2h, 1h30m), seconds, or null",
+    ),
+    "study.budget_rungs": Key(
+        "custom",
+        "epochs of each successive-halving rung",
+        custom=_rungs,
+        accepts="null or a rising list of whole numbers in 1-30",
+    ),
+    "study.budget_keep": _int("1 in this many trials of a rung goes on to the next", 2),
     "study.storage": _text("storage URL"),
     "study.sampler.type": _choice("sampler", *SAMPLERS),
     "study.sampler.seed": _int("RNG seed (worker i: seed + i)", 0, nullable=True),

@@ -11,6 +11,7 @@ is allowed, before anything is trained or any study is touched.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from kmnist_sweep.errors import ConfigError
@@ -80,6 +81,32 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     if isinstance(value, str) and value in choices:
         return value
     raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}  # seconds per unit of a duration
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def duration_s(key: str, value: Any) -> float | None:
+    """A wall-clock duration in seconds: `90s`, `15m`, `2h`, `1h30m`, or a number of seconds;
+    null stays None. Anything else, or not above zero, is a ConfigError."""
+    if value is None:
+        return None
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        match = _DURATION.fullmatch(text)
+        if match and text:
+            parts = zip(match.groups(), DURATION_UNITS.values(), strict=True)
+            seconds = sum(float(n) * unit for n, unit in parts if n is not None)
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(
+            f"{key}={value!r} is not a duration above zero: e.g. 90s, 15m, 2h, 1h30m or "
+            "a number of seconds"
+        )
+    return seconds
 
 
 def _num(x: float) -> str:
