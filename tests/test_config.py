@@ -90,7 +90,7 @@ def test_every_sweep_composes_and_checks(sweep: str, data: str) -> None:
     [
         ("lr_finder.num_it=0", "lr_finder.num_it=0 is not a whole number >= 10"),
         ("lr_finder.end_lr=1e-8", "lr_finder.end_lr=1e-08 must be above lr_finder.start_lr=1e-07"),
-        ("data.valid_fraction=1.5", "data.valid_fraction=1.5 is not a number in [0, 1)"),
+        ("data.valid_fraction=1.5", "data.valid_fraction=1.5 is not a number in (0, 1)"),
         ("tracking.mode=loud", "tracking.mode='loud' is not one of online, offline, disabled"),
         (
             "trainer.channels_last=maybe",

@@ -149,11 +149,16 @@ def objectives(study_cfg: DictConfig) -> list[tuple[str, str]]:
     return [(str(m), str(d)) for m, d in zip(metrics, directions, strict=True)]
 
 
+def validation_metrics(data_metric: str) -> list[str]:
+    """What the engine measures on the validation split every epoch: val/bacc only where
+    data.metric=bacc (it adds the balanced-accuracy metric for that data alone)."""
+    return ["val/acc", "val/loss"] + (["val/bacc"] if data_metric == "bacc" else [])
+
+
 def objective_metrics(data_metric: str) -> list[str]:
-    """The keys a study may optimise: the validation metrics the engine measures for the
-    data (val/bacc only where data.metric=bacc), and what a trial cost (trial_attrs.COSTS)."""
-    valid = ["val/acc", "val/loss"] + (["val/bacc"] if data_metric == "bacc" else [])
-    return valid + list(trial_attrs.COSTS)
+    """The keys a multi-objective study may optimise: the validation metrics, and what a
+    trial cost (trial_attrs.COSTS)."""
+    return validation_metrics(data_metric) + list(trial_attrs.COSTS)
 
 
 def check_objectives(cfg: DictConfig) -> None:
@@ -164,6 +169,7 @@ def check_objectives(cfg: DictConfig) -> None:
     study_cfg = cfg.study
     directions, metrics = study_cfg.get("directions"), study_cfg.get("metrics")
     if directions is None and metrics is None:
+        check_metric(str(study_cfg.metric), str(cfg.data.metric))
         return
     if directions is None or metrics is None:
         given, missing = (
@@ -203,6 +209,18 @@ def check_objectives(cfg: DictConfig) -> None:
         raise ConfigError(
             f"study.sampler.type=cmaes cannot sample a multi-objective study "
             f"(study.directions has {n} entries): use tpe, gp, random or grid"
+        )
+
+
+def check_metric(metric: str, data_metric: str) -> None:
+    """One objective: the metric is reported every epoch and pruned on, so it must be one
+    the engine measures on validation for this data (the costs come only at a trial's end)."""
+    known = validation_metrics(data_metric)
+    if metric not in known:
+        need = " (val/bacc needs data.metric=bacc)" if metric == "val/bacc" else ""
+        raise ConfigError(
+            f"study.metric={metric!r} is not a validation metric the objective measures "
+            f"here: one of {', '.join(known)}{need}"
         )
 
 

@@ -151,6 +151,7 @@ def _rungs(key: str, value: Any) -> Any:
 
 
 FRACTION = {"low": 0, "high": 1, "high_open": True}  # [0, 1)
+SHARE = {"low": 0, "low_open": True, "high": 1, "high_open": True}  # (0, 1)
 ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "small")
 DATASETS = ("kmnist", "k49", "kkanji", "kmnist_sample", "synthetic")
@@ -168,8 +169,9 @@ SCHEMA: dict[str, Key] = {
     "data.download": _bool("fetch missing files"),
     "data.mirror": _text("folder URL serving the files", nullable=True),
     "data.verify": _bool("check official sizes, md5s and counts"),
-    "data.valid_fraction": _float("fraction of each class held out for validation", **FRACTION),
-    "data.test_fraction": _float("fraction of each class held out for test", **FRACTION),
+    # Above 0: sweeps rank and prune on validation, and `final` measures the test split.
+    "data.valid_fraction": _float("fraction of each class held out for validation", **SHARE),
+    "data.test_fraction": _float("fraction of each class held out for test", **SHARE),
     "data.split_seed": _int("RNG seed of the test split", 0),
     "data.seed": _int("RNG seed of the validation split", 0),
     "data.metric": _choice("metric", "acc", "bacc"),
