@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from PIL import Image
 
 from kmnist_sweep.cli import COMMANDS
 from tests.conftest import run_cli
@@ -103,6 +104,11 @@ def test_batchsize_sweep_on_kmnist_sample_and_retrain_best(tmp_path: Path) -> No
     assert "confusion.png" in (report / "report.html").read_text()
     for png in report.glob("*.png"):
         assert png.stat().st_size > 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The figures show validation predictions and say so, in their own words (PNG text).
+    for name in ("confusion.png", "misclassified.png"):
+        with Image.open(report / name) as png:
+            words = png.text["Title"] + " | " + png.text["Description"]
+        assert "validation" in words and "test" not in words, words
     with (report / "confusion.csv").open() as fh:
         rows = list(csv.reader(fh))[1:]
     # The best trial's validation predictions: 10% of the 8000 training images.

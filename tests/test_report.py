@@ -89,6 +89,10 @@ def test_report_writes_valid_pngs_html_and_csv(tmp_path: Path) -> None:
         with Image.open(page.parent / name) as png:
             assert png.format == "PNG" and png.width > 0 and png.height > 0
             png.verify()
+    for name in ("confusion.png", "misclassified.png"):  # a sweep's figures: validation
+        with Image.open(page.parent / name) as png:
+            words = png.text["Title"] + " | " + png.text["Description"]
+        assert "validation" in words and "test" not in words, words
     assert NOTE in text and "report-test" in text
     assert "6 (5 complete, 1 pruned)" in text
     accuracy = float(np.mean(labels == preds))

@@ -1,5 +1,6 @@
-"""The test-set figures of a report: the confusion matrix (PNG and CSV) and a grid of
-misclassified images, labelled with the real characters in a Japanese-capable font.
+"""The figures of one split in a report (a sweep's validation split): the confusion matrix
+(PNG and CSV) and a grid of misclassified images, labelled with the real characters in a
+Japanese-capable font.
 
     matrix = confusion_matrix(labels, preds, num_classes)
 """
@@ -66,10 +67,11 @@ def write_confusion_csv(path: Path, matrix: np.ndarray, names: Sequence[str]) ->
 
 
 def plot_confusion(
-    matrix: np.ndarray, names: Sequence[str], font: FontProperties | None
+    matrix: np.ndarray, names: Sequence[str], font: FontProperties | None, split: str
 ) -> Figure:
+    """`split` names the images counted ("validation" in a sweep's report)."""
     shown = np.arange(len(names))
-    title = "Confusion matrix (test): rows true, columns predicted"
+    title = f"Confusion matrix ({split}): rows true, columns predicted"
     if len(names) > MAX_PLOTTED_CLASSES:
         errors = matrix.sum(axis=1) - np.diag(matrix) + matrix.sum(axis=0) - np.diag(matrix)
         shown = np.sort(np.argsort(-errors, kind="stable")[:MAX_PLOTTED_CLASSES])
@@ -80,7 +82,7 @@ def plot_confusion(
     figure = Figure(figsize=(side + 1.2, side))
     ax = figure.subplots()
     image = ax.imshow(cells, cmap="Blues")
-    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="test images")
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=f"{split} images")
     ticks = np.arange(len(shown))
     size = 11 if len(shown) <= MAX_ANNOTATED_CLASSES else 7
     ax.set_xticks(ticks, labels, fontproperties=font, fontsize=size, rotation=0 if font else 90)
@@ -104,11 +106,12 @@ def plot_misclassified(
     preds: np.ndarray,
     names: Sequence[str],
     font: FontProperties | None,
+    split: str,
 ) -> Figure:
-    """The first GRID_SIDE² misclassified test images, titled "true→predicted"."""
+    """The first GRID_SIDE² misclassified images of `split`, titled "true→predicted"."""
     wrong = np.flatnonzero(labels != preds)[: GRID_SIDE * GRID_SIDE]
     if wrong.size == 0:
-        raise SkipPlot("none: every test image was classified correctly")
+        raise SkipPlot(f"none: every {split} image was classified correctly")
     cols = min(GRID_SIDE, wrong.size)
     rows = -(-wrong.size // cols)
     figure = Figure(figsize=(1.5 * cols, 1.7 * rows))
@@ -120,6 +123,12 @@ def plot_misclassified(
         ax.imshow(images[index], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{true}→{pred}", fontproperties=font, fontsize=12 if font else 7)
     return figure
+
+
+def figure_text(figure: Figure) -> str:
+    """Titles and axis labels of a figure (a colour bar is an axes too): its PNG text."""
+    texts = [t for ax in figure.axes for t in (ax.get_title(), ax.get_xlabel(), ax.get_ylabel())]
+    return " | ".join(t for t in texts if t)
 
 
 # ---------------------------------------------------------------- Japanese labels

@@ -40,6 +40,7 @@ from kmnist_sweep.results.confusion import (
     CONFUSION_CSV,
     SkipPlot,
     confusion_matrix,
+    figure_text,
     find_cjk_font,
     plot_confusion,
     plot_misclassified,
@@ -73,7 +74,7 @@ class Report:
     def add(
         self, title: str, name: str, draw: Callable[[], Figure], note: str = ""
     ) -> Section | None:
-        """Draw a figure into `name`.png; a failure is recorded as a note in the page."""
+        """Draw a figure into `name`.png (its words as PNG text); a failure is a note."""
         try:
             figure = draw()
         except SkipPlot as reason:
@@ -83,7 +84,10 @@ class Report:
             log.warning("report: %s not drawn (%s: %s)", title, type(err).__name__, err)
             self.sections.append(Section(title, note=f"not drawn: {type(err).__name__}: {err}"))
             return None
-        figure.savefig(self.directory / f"{name}.png", dpi=DPI, bbox_inches="tight")
+        words = {"Title": title, "Description": figure_text(figure)}
+        figure.savefig(
+            self.directory / f"{name}.png", dpi=DPI, bbox_inches="tight", metadata=words
+        )
         _close(figure)
         section = Section(title, image=f"{name}.png", note=note)
         self.sections.append(section)
@@ -256,14 +260,16 @@ def add_split_plots(
     write_confusion_csv(report.directory / CONFUSION_CSV, matrix, names)
     font = find_cjk_font("".join(names) + "→")
     report.add(
-        f"Confusion matrix ({split})", "confusion", lambda: plot_confusion(matrix, names, font)
+        f"Confusion matrix ({split})",
+        "confusion",
+        lambda: plot_confusion(matrix, names, font, split),
     )
     if images is not None:
         pixels = np.asarray(images)
         report.add(
             f"Misclassified {split} images (true→predicted)",
             "misclassified",
-            lambda: plot_misclassified(pixels, labels, preds, names, font),
+            lambda: plot_misclassified(pixels, labels, preds, names, font, split),
         )
     return {
         f"{split} accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
