@@ -145,21 +145,33 @@ def test_sigkill_of_a_worker_mid_trial_is_retried(tmp_path: Path) -> None:
     sweep = Sweep(toy_args(f"study.n_trials={n}", "study.workers=3", sleep=0.3), tmp_path)
     url = sqlite(tmp_path)
     wait_until(finished_at_least(url, NAME, 2), 180, "2 finished trials", sweep)
-    victim = None
-    while victim is None:
-        running = [t for t in load(url, NAME).trials if t.state == TrialState.RUNNING]
-        for t in running:
-            pid = _worker_pid(sweep, str(t.user_attrs.get("worker")))
+    # Kill a worker whose trial is mid-way (it reported an epoch); which trial died is read
+    # after the kill, since the worker may have moved on to its next trial meanwhile.
+    killed = None
+    while killed is None:
+        for t in load(url, NAME).trials:
+            worker = t.user_attrs.get("worker")
+            if t.state != TrialState.RUNNING or not t.intermediate_values or worker is None:
+                continue
+            pid = _worker_pid(sweep, str(worker))
             if pid is not None:
-                victim = t.number
                 os.kill(pid, signal.SIGKILL)
+                killed = str(worker)
                 break
         time.sleep(0.05)
     assert sweep.wait() == 0, sweep.stderr
     study = load(url, NAME)
     assert_consistent(study, n)
     trials = {t.number: t for t in study.trials}
-    assert trials[victim].state == TrialState.FAIL
+    # No worker is ever restarted under the same index: its one failed trial is the victim.
+    failed = [
+        t.number
+        for t in trials.values()
+        if t.user_attrs.get("worker") == killed and t.state == TrialState.FAIL
+    ]
+    assert len(failed) == 1, (killed, {t.number: t.state.name for t in trials.values()})
+    victim = failed[0]
+    assert not {"error", "interrupted", "surplus"} & set(trials[victim].user_attrs)
     retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == victim]
     assert len(retries) == 1 and retries[0].params == trials[victim].params
     record("SIGKILL of a worker", study, killed_trial=victim)
