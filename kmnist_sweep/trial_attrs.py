@@ -36,6 +36,8 @@ LR_FINDER = "lr/finder"  # the LR finder's suggestion for the trial's batch size
 LR_SOURCE = "lr/source"  # where that LR came from, one line
 LR_VALUE = "lr/value"  # the peak LR the trial trained at, per step
 VALID = "val"  # final validation metrics {"val/acc": ..., "val/loss": ...}
+VALID_SE = "val_se"  # their standard errors {"val/acc_se": ..., ...} (train/standard_error.py)
+DID_NOT_LEARN = "did_not_learn"  # why a run that trained is no better than chance (one line)
 SECONDS = "seconds"  # wall time of the training run that counted, seconds
 TRAIN_SECONDS = "speed/train_s"  # seconds in training phases of that run (validation excluded)
 IMAGES_PER_S = "speed/images_per_s"  # training images per second (validation excluded)
@@ -66,3 +68,9 @@ def batch_sizes(attrs: Mapping[str, Any]) -> tuple[int | None, int | None]:
         None if requested is None else int(requested),
         None if effective is None else int(effective),
     )
+
+
+def standard_error(attrs: Mapping[str, Any], metric: str) -> float | None:
+    """The recorded standard error of a trial's final `metric`, None where there is none."""
+    value = (attrs.get(VALID_SE) or {}).get(f"{metric}_se")
+    return None if value is None else float(value)

@@ -67,7 +67,6 @@ def test_huge_lr_halves_then_ends_with_a_reason(
         tmp_path,
         "trainer.lr=1000",
         "batch_size.min=32",
-        "batch_size.diverge_window=5",
         "+search_space={trainer.batch_size: {type: pow2, low: 64, high: 64}}",
     )
     study = optuna.create_study(direction="maximize")

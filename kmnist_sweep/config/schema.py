@@ -229,7 +229,6 @@ SCHEMA: dict[str, Key] = {
     # batch_size:
     "batch_size.min": _int("images per step, smallest", 1),
     "batch_size.max": _int("images per step, largest", 1),
-    "batch_size.diverge_window": _int("warm-up steps the loss must fall over", 1),
     "batch_size.diverge_factor": _float("multiple of the starting loss", 1, low_open=True),
     "batch_size.inject_oom": Key("mapping", "{above: images, epoch, step}", nullable=True),
     # study:

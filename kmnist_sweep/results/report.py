@@ -375,7 +375,7 @@ def report_sweep(study: optuna.Study, cfg: DictConfig) -> Path:
                 preds, labels = npz["preds"], npz["labels"]
             images = dataset.valid.images.numpy()
     curves = sorted((out_dir / "lr_finder").glob("*.png"))
-    sizes = size_answer(study, str(cfg.study.metric), len(dataset.valid))
+    sizes = size_answer(study, str(cfg.study.metric))
     page = write_report(
         study,
         out_dir,

@@ -37,10 +37,11 @@ from kmnist_sweep.data.datasets import Dataset, load_dataset
 from kmnist_sweep.errors import error_line
 from kmnist_sweep.files import write_atomic
 from kmnist_sweep.results import report
-from kmnist_sweep.results.batchsize import size_answer
+from kmnist_sweep.results.batchsize import answer_text, size_answer
 from kmnist_sweep.results.report import VALID_PREDICTIONS
 from kmnist_sweep.results.tracking import Tracker
 from kmnist_sweep.train import batch_size, engine, lr_finder
+from kmnist_sweep.train.standard_error import standard_errors
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +128,15 @@ class TrainingObjective:
         """The report, and for a batch-size study its answer on one line."""
         if self.cfg.study.get("report", True):
             log.info("report: %s", report.report_sweep(study, self.cfg))
-        answer = size_answer(study, self.metric, len(self.dataset.valid))
-        if answer is not None and answer.pick is not None:
+        answer = size_answer(study, self.metric)
+        if answer is not None and answer.pick is None:
+            print(f"batch size: {answer_text(answer)}", flush=True)
+        elif answer is not None and answer.pick is not None:
             pick = answer.pick
             print(
                 f"batch size: use {pick.batch_size} ({self.metric} {pick.value:.4f}, "
-                f"{pick.images_per_s:.0f} images/s; largest that fitted: "
-                f"{pick.largest_fitted}); {pick.rule}",
+                f"{pick.images_per_s:.0f} images/s; largest that trained and learned: "
+                f"{pick.largest_trained}); {pick.rule}",
                 flush=True,
             )
 
@@ -160,6 +163,12 @@ class TrainingObjective:
             trial.set_user_attr(trial_attrs.VALID, result.valid)
             for key, value in performance(result).items():
                 trial.set_user_attr(key, value)
+            verdict = batch_size.learning_verdict(
+                result.valid.get("val/acc", 0.0), self.dataset.valid.labels
+            )
+            if verdict is not None:
+                log.warning("trial %d: %s", trial.number, verdict)
+                trial.set_user_attr(trial_attrs.DID_NOT_LEARN, verdict)
             state = "complete"
         except batch_size.BatchSizeExhausted as exc:
             # Pruned, not failed: samplers learn from pruned trials (and their constraint),
@@ -182,8 +191,15 @@ class TrainingObjective:
         final = {**values, "trainer.batch_size": record.effective}
         final.update({name: float(trial.user_attrs[trial_attrs.LR_VALUE]) for name in factors})
         trial.set_user_attr(trial_attrs.OVERRIDES, to_overrides(final))
+        predictions = valid_predictions(result)
+        if predictions is not None:
+            preds, labels, losses = predictions
+            errors = standard_errors(preds, labels, losses, self.dataset.num_classes)
+            trial.set_user_attr(
+                trial_attrs.VALID_SE, {f"{k}_se": round(v, 6) for k, v in errors.items()}
+            )
         try:
-            save_predictions(result, self.out_dir / "trials" / str(trial.number))
+            save_predictions(predictions, self.out_dir / "trials" / str(trial.number))
         except OSError as exc:  # a full or read-only disk costs the report a figure, not the trial
             log.warning("trial %d: could not save predictions: %s", trial.number, exc)
         if self.multi:
@@ -321,16 +337,29 @@ def _run_config(trial_cfg: DictConfig, trial: optuna.Trial) -> dict[str, Any]:
     }
 
 
-def save_predictions(result: engine.TrainResult, directory: Path) -> None:
-    """Validation predictions of the trial, for the report's confusion matrix. Sweeps never
-    touch the test split: only `final` evaluates a chosen config on it, once."""
+Predictions = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def valid_predictions(result: engine.TrainResult) -> Predictions | None:
+    """(predicted class, label, loss) per validation image of the trained model."""
     learn = result.learner
     if learn is None:
-        return
+        return None
     with learn.no_bar():
-        probs, targets = learn.get_preds(ds_idx=1)
-    preds = torch.as_tensor(probs).argmax(dim=-1).numpy().astype(np.int32)
+        probs, targets, losses = learn.get_preds(ds_idx=1, with_loss=True)
+    preds = torch.as_tensor(probs).argmax(dim=-1)
+    return preds, torch.as_tensor(targets), torch.as_tensor(losses)
+
+
+def save_predictions(predictions: Predictions | None, directory: Path) -> None:
+    """Validation predictions of the trial, for the report's confusion matrix. Sweeps never
+    touch the test split: only `final` evaluates a chosen config on it, once."""
+    if predictions is None:
+        return
+    preds, targets, _ = predictions
     write_atomic(
         directory / VALID_PREDICTIONS,
-        lambda f: np.savez_compressed(f, preds=preds, labels=np.asarray(targets)),
+        lambda f: np.savez_compressed(
+            f, preds=preds.numpy().astype(np.int32), labels=targets.numpy()
+        ),
     )

@@ -1,8 +1,13 @@
 """Batch sizes are powers of two; a run that runs out of memory or diverges halves its batch.
 
 The article picks the batch by starting large and halving while the run does not fit or
-the loss is not clearly falling. Sweep tools mark such a trial failed, so the sampler
-learns nothing; here the trial goes on at the halved batch and records why.
+the loss is not trending down. Sweep tools mark such a trial failed, so the sampler learns
+nothing; here the trial goes on at the halved batch and records why. Only real failures
+halve: out of memory, and a loss that is not finite or explodes above its start. A flat
+loss is what one-cycle's warm-up (a 25th of the peak LR) looks like at first, and a large
+batch may take only a few steps per epoch: whether a run learned is judged once it has
+trained, on its validation accuracy against chance (`learning_verdict`), and a run that did
+not is kept and named so, never halved or counted as fitted.
 
 On a halving the *run* restarts (fresh weights, optimiser and one-cycle schedule) rather
 than the epoch: the one-cycle schedule and AdamW's state are laid out for the old number
@@ -34,7 +39,7 @@ T = TypeVar("T")
 
 
 class Diverged(RuntimeError):
-    """The training loss is not finite, or not falling during warm-up."""
+    """The training loss is not finite, or explodes above its start."""
 
 
 class BatchSizeExhausted(RuntimeError):
@@ -149,23 +154,21 @@ def fit_with_fallback(
 
 
 class DivergenceGuard(Callback):
-    """Stops a run whose loss is NaN/inf, or not on a downward trend during warm-up."""
+    """Stops a run whose loss is NaN/inf, or whose smoothed loss explodes above `factor`
+    times its first value. A loss that stays flat is left alone (see the module's doc)."""
 
     order = 60  # after the Recorder has smoothed this batch's loss
 
-    def __init__(self, window: int, factor: float) -> None:
-        self.window = window  # steps of warm-up over which the loss must fall
+    def __init__(self, factor: float) -> None:
         self.factor = factor  # smoothed loss above factor x its first value = diverged
         self.first: float | None = None
 
     def before_fit(self) -> None:
         self.first = None
-        self.step = 0
 
     def after_batch(self) -> None:
         if not self.training:
             return
-        self.step += 1
         loss = float(self.learn.loss.detach())
         where = f"epoch {self.learn.epoch + 1} step {self.learn.iter + 1}"
         if not math.isfinite(loss):
@@ -175,8 +178,24 @@ class DivergenceGuard(Callback):
             self.first = smooth
         elif smooth > self.factor * self.first:
             raise Diverged(f"smoothed loss {smooth:.3g} > {self.factor}x its start at {where}")
-        if self.step == self.window and smooth >= self.first:
-            raise Diverged(f"smoothed loss did not fall over the first {self.window} steps")
+
+
+def learning_verdict(accuracy: float, labels: torch.Tensor) -> str | None:
+    """None when a trained run's validation `accuracy` is above chance; else why it did not
+    learn, one line. Chance is the accuracy of always answering the largest class; "above"
+    means by more than three binomial standard errors at chance on these images."""
+    counts = torch.bincount(labels.flatten().long().cpu())
+    n = int(counts.sum())
+    if n == 0:
+        return None
+    chance = float(counts.max()) / n
+    margin = 3 * math.sqrt(chance * (1 - chance) / n)
+    if accuracy > chance + margin:
+        return None
+    return (
+        f"did not learn: validation accuracy {accuracy:.4f} is not above chance "
+        f"({chance:.4f}, the largest class of {n} images) by 3 standard errors ({margin:.4f})"
+    )
 
 
 class InjectOOM(Callback):
@@ -228,7 +247,7 @@ class InjectOOM(Callback):
 
 def guards(cfg: DictConfig) -> list[Callback]:
     """The callbacks cfg.batch_size asks for on every training run."""
-    cbs: list[Callback] = [DivergenceGuard(int(cfg.diverge_window), float(cfg.diverge_factor))]
+    cbs: list[Callback] = [DivergenceGuard(float(cfg.diverge_factor))]
     inject = cfg.get("inject_oom")
     if inject:
         epoch, step = inject.get("epoch"), inject.get("step")
