@@ -53,7 +53,8 @@ COSTS = (TRAIN_SECONDS, IMAGES_PER_S, SECONDS_PER_EPOCH, PEAK_MEMORY_MB)
 STUDY_METRIC = "metric"  # the metric key the study optimises, e.g. val/acc; a list of them
 # for a multi-objective study, in the order of its values (also its Optuna metric names)
 STUDY_SEARCH_SPACE = "search_space"  # the resolved search space the study was created with
-LR_CURVE_PREFIX = "lr_finder:"  # + curve key: a cached LR range test (JSON)
+LR_CURVE_PREFIX = "lr_finder:"  # + curve key: a cached LR range test (its artifact id,
+# batch size and suggested LRs; the curve is an artifact, sweep/lr_seed.py)
 
 
 def overrides_of(attrs: Mapping[str, Any]) -> list[str]:

@@ -161,6 +161,24 @@ def test_one_owner_per_concern(needle: str, owners: set[str]) -> None:
     assert users <= owners
 
 
+def test_optuna_is_imported_only_by_the_sweep_and_results_layers() -> None:
+    """Config, data and train know nothing of studies: a training run is the same inside a
+    sweep or alone (the LR finder's study cache is sweep/lr_seed.py)."""
+    offenders = []
+    for name, path in modules().items():
+        if RANKS[layer(name)] >= RANKS["results"]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            offenders += [name for root in roots if root == "optuna"]
+    assert offenders == []
+
+
 def test_trial_attribute_names_are_spelled_once() -> None:
     """set_user_attr / user_attrs with a string literal only in trial_attrs itself."""
     offenders = []

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from kmnist_sweep.config.search_space import parse_space
 from kmnist_sweep.results.tracking import Tracker
+from kmnist_sweep.sweep import lr_seed
 from kmnist_sweep.sweep.objective import make_objective, suggest_params
 from kmnist_sweep.train import batch_size, lr_finder
 
@@ -99,9 +100,9 @@ def test_seeded_lr_runs_the_finder_once_and_searches_around_it(
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial({"trainer.lr.factor": 1.0})
     study.optimize(make_objective(cfg), n_trials=3)
-    cached = [k for k in study.user_attrs if k.startswith(lr_finder.CACHE_PREFIX)]
+    cached = [k for k in study.user_attrs if k.startswith(lr_seed.CACHE_PREFIX)]
     assert len(cached) == 1, "one range test for one batch size"
-    curve = lr_finder.Curve.from_json(study.user_attrs[cached[0]])
+    curve = lr_seed.read_curve(study.user_attrs[cached[0]], cfg)
     base = curve.suggestions[lr_finder.rule_for(cfg)]
     first = study.trials[0]
     assert first.params["trainer.lr.factor"] == 1.0

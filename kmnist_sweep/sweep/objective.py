@@ -40,7 +40,8 @@ from kmnist_sweep.results import report
 from kmnist_sweep.results.batchsize import answer_text, size_answer
 from kmnist_sweep.results.report import VALID_PREDICTIONS
 from kmnist_sweep.results.tracking import Tracker
-from kmnist_sweep.train import batch_size, engine, lr_finder
+from kmnist_sweep.sweep import lr_seed
+from kmnist_sweep.train import batch_size, engine
 from kmnist_sweep.train.standard_error import standard_errors
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class TrainingObjective:
 
     def prepare(self, study: optuna.Study) -> None:
         searched = [p.name for p in self.params if p.type == "lr_finder" and p.searched]
-        lr_finder.prepare(study, self.cfg, self.seeded, lambda: self.dataset, searched)
+        lr_seed.prepare(study, self.cfg, self.seeded, lambda: self.dataset, searched)
 
     def constraint(self, trial: FrozenTrial) -> Sequence[float]:
         return batch_size.constraint(trial.user_attrs)
@@ -269,7 +270,7 @@ class _TrialRun:
         obj, trial = self.objective, self.trial
         run_cfg = apply_params(self.trial_cfg, {"trainer.batch_size": bs})
         for name, factor in self.factors.items():
-            base, source = lr_finder.seeded_lr(trial.study, run_cfg, obj.dataset, bs)
+            base, source = lr_seed.seeded_lr(trial.study, run_cfg, obj.dataset, bs)
             run_cfg = apply_params(run_cfg, {name: base * factor})
             trial.set_user_attr(trial_attrs.LR_FINDER, base)
             trial.set_user_attr(trial_attrs.LR_SOURCE, source)

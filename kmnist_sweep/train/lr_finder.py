@@ -20,13 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import matplotlib
-import optuna
 import torch
 from fastai.callback.schedule import minimum, valley
 from fastai.learner import AvgSmoothLoss, Learner
 from omegaconf import DictConfig
 
-from kmnist_sweep import trial_attrs
 from kmnist_sweep.data.contract import Dataset
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.train import engine
@@ -256,71 +254,3 @@ def plot_curve(curve: Curve, path: Path, chosen: str | None = None) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-# ---------------------------------------------------------------- the study's cache
-
-CACHE_PREFIX = trial_attrs.LR_CURVE_PREFIX  # + curve_key(...): a study attribute with a curve
-
-
-def cached_curve(study: optuna.Study, cfg: DictConfig, dataset: Dataset, batch_size: int) -> Curve:
-    """The curve for (data, model, stem, batch, precision), run once per study.
-
-    It lives in the study's own storage, so workers on other machines sharing a PostgreSQL
-    study find it too; its CSV and plot go to `<study.output_dir>/lr_finder/`.
-    """
-    key = curve_key(cfg, batch_size)
-    stored = study.user_attrs.get(CACHE_PREFIX + key)
-    if stored is not None:
-        return Curve.from_json(stored)
-    log.info("LR finder: range test at batch %d (%s)", batch_size, key)
-    curve = run_range_test(cfg, dataset, batch_size)
-    study.set_user_attr(CACHE_PREFIX + key, curve.to_json())
-    out = Path(str(cfg.study.output_dir)) / "lr_finder"
-    save_csv(curve, out / f"{key}.csv")
-    plot_curve(curve, out / f"{key}.png", chosen=rule_for(cfg))
-    log.info(
-        "LR finder: %s -> plot %s",
-        ", ".join(f"{k} {v:.3g}" for k, v in curve.suggestions.items()),
-        out / f"{key}.png",
-    )
-    return curve
-
-
-def seeded_lr(
-    study: optuna.Study, cfg: DictConfig, dataset: Dataset, batch_size: int
-) -> tuple[float, str]:
-    """The finder's LR for this batch size and a one-line account of where it came from."""
-    fcfg = cfg.lr_finder
-    rule = rule_for(cfg)
-    if fcfg.scale == "rerun":
-        curve = cached_curve(study, cfg, dataset, batch_size)
-        return curve.lr(rule), f"{rule} at batch {batch_size}"
-    ref = int(fcfg.batch_size)
-    curve = cached_curve(study, cfg, dataset, ref)
-    lr = scale_lr(curve.lr(rule), ref, batch_size, str(fcfg.scale))
-    return lr, f"{rule} at batch {ref}, scaled {fcfg.scale} to batch {batch_size}"
-
-
-def prepare(
-    study: optuna.Study,
-    cfg: DictConfig,
-    seeded: Sequence[str],
-    dataset: Callable[[], Dataset],
-    searched: Sequence[str] = (),
-) -> None:
-    """Before any worker starts: run the range test once and, for the `searched` factors,
-    queue a first trial that uses the finder's LR itself (factor 1), so the search starts
-    from the suggestion."""
-    if not seeded:
-        return
-    if cfg.lr_finder.scale != "rerun":
-        curve = cached_curve(study, cfg, dataset(), int(cfg.lr_finder.batch_size))
-        rule = rule_for(cfg)
-        print(
-            f"LR finder ({rule}, batch {curve.batch_size}): {curve.lr(rule):.3g}; "
-            f"curve in {Path(str(cfg.study.output_dir)) / 'lr_finder'}",
-            flush=True,
-        )
-    if searched and not study.get_trials(deepcopy=False):
-        study.enqueue_trial({f"{name}.factor": 1.0 for name in searched})
