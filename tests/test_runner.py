@@ -26,6 +26,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError
 from optuna.trial import TrialState
 
 from kmnist_sweep import trial_attrs
@@ -290,21 +291,44 @@ def test_sqlite_storage_uses_wal_and_creates_its_folder(tmp_path: Path) -> None:
     con.close()
 
 
-def test_samplers_and_pruners_are_built_from_config() -> None:
-    def cfg(**kw: Any) -> DictConfig:
-        return OmegaConf.create(kw)
+def test_samplers_and_pruners_are_built_from_config(
+    compose_cfg: Callable[..., DictConfig],
+) -> None:
+    def study(*overrides: str) -> DictConfig:
+        return compose_cfg(*overrides).study
 
     space = parse_space({"model.arch": {"type": "categorical", "choices": ["a", "b"]}})
-    assert isinstance(build_sampler(cfg(type="grid"), space), optuna.samplers.GridSampler)
-    assert isinstance(build_sampler(cfg(type="tpe", seed=0)), optuna.samplers.TPESampler)
-    assert isinstance(build_sampler(cfg(type="gp", seed=0)), optuna.samplers.GPSampler)
+    grid = study("study.sampler.type=grid").sampler
+    assert isinstance(build_sampler(grid, space), optuna.samplers.GridSampler)
+    assert isinstance(build_sampler(study().sampler), optuna.samplers.TPESampler)
+    gp = build_sampler(study("study.sampler.type=gp").sampler)
+    assert isinstance(gp, optuna.samplers.GPSampler)
     with pytest.raises(ConfigError, match="grid cannot enumerate search_space.trainer.lr"):
-        build_sampler(
-            cfg(type="grid"), parse_space({"trainer.lr": {"type": "float", "low": 0.1, "high": 1}})
-        )
-    hyperband = build_pruner(cfg(type="hyperband", min_resource=1, max_resource=9))
-    assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
-    assert isinstance(build_pruner(cfg(type="none")), optuna.pruners.NopPruner)
+        build_sampler(grid, parse_space({"trainer.lr": {"type": "float", "low": 0.1, "high": 1}}))
+    hyperband = build_pruner(study("study.pruner.type=hyperband", "trainer.epochs=9").pruner)
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner) and hyperband._max_resource == 9
+    none = build_pruner(study("study.pruner.type=none").pruner)
+    assert isinstance(none, optuna.pruners.NopPruner)
+
+
+def test_the_sampler_and_pruner_take_their_settings_from_conf(
+    compose_cfg: Callable[..., DictConfig],
+) -> None:
+    """conf/study/default.yaml alone sets them: the code has no defaults of its own."""
+    cfg = compose_cfg().study
+    tpe = build_sampler(cfg.sampler)
+    assert isinstance(tpe, optuna.samplers.TPESampler)
+    assert tpe._n_startup_trials == cfg.sampler.n_startup_trials
+    median = build_pruner(cfg.pruner)
+    assert isinstance(median, optuna.pruners.MedianPruner)
+    jury, conf = median, cfg.pruner
+    assert (jury._n_startup_trials, jury._n_warmup_steps, jury._n_min_trials) == (
+        conf.n_startup_trials,
+        conf.n_warmup_steps,
+        conf.n_min_trials,
+    )
+    with pytest.raises(ConfigAttributeError):
+        build_pruner(OmegaConf.create({"type": "median"}))  # no silent fallback values
 
 
 def test_worker_count_and_gpu_round_robin(toy_cfg: Any, monkeypatch: pytest.MonkeyPatch) -> None:

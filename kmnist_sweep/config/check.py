@@ -92,17 +92,9 @@ def check_batch_sizes(cfg: DictConfig, searched: Param | None) -> None:
 
 
 def check_pruner(pruner_cfg: DictConfig) -> None:
-    kind = str(pruner_cfg.type)
-    if kind not in ("halving", "hyperband"):
-        return
-    min_resource, reduction = int(pruner_cfg.min_resource), int(pruner_cfg.reduction_factor)
-    if min_resource < 1 or reduction < 2:
-        raise ConfigError(
-            f"study.pruner: {kind} needs min_resource >= 1 and reduction_factor >= 2, "
-            f"got {min_resource} and {reduction}"
-        )
-    max_resource = int(pruner_cfg.max_resource)
-    if kind == "hyperband" and max_resource < min_resource:
+    # The schema bounds each key; Hyperband's two resources must also be in order.
+    min_resource, max_resource = int(pruner_cfg.min_resource), int(pruner_cfg.max_resource)
+    if str(pruner_cfg.type) == "hyperband" and max_resource < min_resource:
         raise ConfigError(
             f"study.pruner.max_resource={max_resource} (epochs) is below "
             f"min_resource={min_resource}"

@@ -36,10 +36,10 @@ def build_sampler(
 ) -> optuna.samplers.BaseSampler:
     """The sampler named by `study.sampler.type`; worker i passes seed_offset=i. `constraint`
     (the objective's) reaches the samplers that accept one: TPE and GP."""
-    kind = str(sampler_cfg.get("type", "tpe"))
-    seed = sampler_cfg.get("seed")
+    kind = str(sampler_cfg.type)
+    seed = sampler_cfg.seed
     seed = None if seed is None else int(seed) + seed_offset
-    n_startup = int(sampler_cfg.get("n_startup_trials", 10))
+    n_startup = int(sampler_cfg.n_startup_trials)
     with quiet_optuna_warnings():
         if kind == "tpe":
             # constant_liar: parallel workers treat running trials as bad, so they spread out.
@@ -100,26 +100,26 @@ def build_pruner(
     the resource is that percent: Hyperband's budget is the whole schedule (100) whatever
     its length, min_resource the same share of the longest schedule, and the median and
     percentile pruners' warm-up is counted in each trial's own epochs by the objective."""
-    kind = str(pruner_cfg.get("type", "none"))
+    kind = str(pruner_cfg.type)
     by_fraction = longest_epochs is not None
-    if kind in ("none", "None", "null"):
+    if kind == "none":
         return optuna.pruners.NopPruner()
     if kind in STEP_PRUNERS:
         jury = {
-            "n_startup_trials": int(pruner_cfg.get("n_startup_trials", 5)),
+            "n_startup_trials": int(pruner_cfg.n_startup_trials),
             # By fraction the objective also holds each trial back for its own first epochs.
-            "n_warmup_steps": int(pruner_cfg.get("n_warmup_steps", 0)),
+            "n_warmup_steps": int(pruner_cfg.n_warmup_steps),
             # With 1, one finished trial is the whole jury at a step: after a strong trial 0
             # (study.start_from_defaults) every run that trails it mid-schedule is stopped.
-            "n_min_trials": int(pruner_cfg.get("n_min_trials", 1)),
+            "n_min_trials": int(pruner_cfg.n_min_trials),
         }
         if kind == "median":
             return optuna.pruners.MedianPruner(**jury)
         # Optuna's jury is the complete trials only, the survivors of earlier pruning, so a
         # median rises as a study goes on; a high percentile stops only the clear losers.
-        return optuna.pruners.PercentilePruner(float(pruner_cfg.get("percentile", 50.0)), **jury)
-    min_resource = int(pruner_cfg.get("min_resource", 1))
-    reduction = int(pruner_cfg.get("reduction_factor", 3))
+        return optuna.pruners.PercentilePruner(float(pruner_cfg.percentile), **jury)
+    min_resource = int(pruner_cfg.min_resource)
+    reduction = int(pruner_cfg.reduction_factor)
     if longest_epochs is not None:
         min_resource = max(1, math.ceil(100 * min_resource / max(longest_epochs, 1)))
     if kind == "halving":
@@ -127,7 +127,7 @@ def build_pruner(
             min_resource=min_resource, reduction_factor=reduction
         )
     if kind == "hyperband":
-        max_resource = 100 if by_fraction else int(pruner_cfg.get("max_resource", 1))
+        max_resource = 100 if by_fraction else int(pruner_cfg.max_resource)
         return optuna.pruners.HyperbandPruner(
             min_resource=min_resource, max_resource=max_resource, reduction_factor=reduction
         )
@@ -152,9 +152,6 @@ def create_or_load_study(
     name = str(study_cfg.name)
     pairs = objectives(study_cfg)
     metrics, directions = [m for m, _ in pairs], [d for _, d in pairs]
-    for direction in directions:
-        if direction not in ("maximize", "minimize"):
-            raise ConfigError(f"study.direction={direction!r} is not maximize or minimize")
     # One objective keeps its metric as a string (as studies made before several existed).
     metric: str | list[str] = metrics if len(metrics) > 1 else metrics[0]
     try:
@@ -210,9 +207,9 @@ def _metric_text(metric: Any) -> str:
 def open_study_storage(study_cfg: DictConfig) -> BaseStorage:
     return open_storage(
         str(study_cfg.storage),
-        heartbeat_interval=study_cfg.get("heartbeat_interval"),
-        grace_period=study_cfg.get("grace_period"),
-        max_retry=study_cfg.get("max_retry", 2),
+        heartbeat_interval=study_cfg.heartbeat_interval,
+        grace_period=study_cfg.grace_period,
+        max_retry=study_cfg.max_retry,
     )
 
 
