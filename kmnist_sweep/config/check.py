@@ -11,7 +11,6 @@ module) is checked by the sweep's plan, still before anything is written.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 from typing import Any
 
@@ -19,9 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from kmnist_sweep import trial_attrs
 from kmnist_sweep.config.device import pick_device, use_bf16
+from kmnist_sweep.config.keys import did_you_mean, leaf_keys
 from kmnist_sweep.config.schema import SCHEMA, SECTIONS, Key
 from kmnist_sweep.config.search_space import Param, parse_space, pow2_exponents
 from kmnist_sweep.errors import ConfigError
+
+# Keys whose value is a mapping of the user's own: its entries are not config keys.
+DICT_VALUED = {"launcher.additional_parameters", "batch_size.inject_oom"}
 
 _ABSENT = object()
 
@@ -55,11 +58,9 @@ def check_unknown_keys(cfg: DictConfig) -> None:
         node = cfg.get(section)
         if not isinstance(node, DictConfig):
             continue
-        for key in _leaves(node, f"{section}."):
+        for key in leaf_keys(node, f"{section}.", keep=DICT_VALUED):
             if key not in SCHEMA:
-                close = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.6)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"{key}: no such config key{hint}")
+                raise ConfigError(f"{key}: no such config key{did_you_mean(key, SCHEMA)}")
 
 
 def check_searched(param: Param, rule: Key) -> None:
@@ -238,23 +239,3 @@ def check_machine(cfg: DictConfig) -> None:
     cmaes = cfg.search_space and str(cfg.study.sampler.type) == "cmaes"
     if cmaes and importlib.util.find_spec("cmaes") is None:
         raise ConfigError("study.sampler.type=cmaes needs the cmaes package (pip install cmaes)")
-
-
-def _leaves(node: DictConfig, prefix: str) -> list[str]:
-    tree = OmegaConf.to_container(node, resolve=False)
-    assert isinstance(tree, dict)
-    return _walk(tree, prefix)
-
-
-def _walk(tree: dict[Any, Any], prefix: str) -> list[str]:
-    keys = []
-    for key, child in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(child, dict) and name not in _DICT_VALUED:
-            keys += _walk(child, f"{name}.")
-        else:
-            keys.append(name)
-    return keys
-
-
-_DICT_VALUED = {"launcher.additional_parameters", "batch_size.inject_oom"}

@@ -14,7 +14,6 @@ back into a copy of the config or into Hydra override strings.
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from typing import Any, Literal, cast
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kmnist_sweep.config.keys import did_you_mean, leaf_keys
 from kmnist_sweep.errors import ConfigError
 
 ParamType = Literal["float", "int", "pow2", "categorical", "lr_finder"]
@@ -231,14 +231,14 @@ def _parse_param(name: str, spec: Any) -> Param:
         raise ConfigError(f"{where}: missing 'type' (one of {', '.join(TYPES)})")
     if kind not in TYPES:
         raise ConfigError(
-            f"{where}: unknown type {kind!r}{_did_you_mean(str(kind), TYPES)}"
+            f"{where}: unknown type {kind!r}{did_you_mean(str(kind), TYPES)}"
             f" (expected one of {', '.join(TYPES)})"
         )
     allowed = FIELDS[kind]
     for field in spec:
         if field not in allowed:
             raise ConfigError(
-                f"{where}: unknown field {field!r}{_did_you_mean(str(field), allowed)}"
+                f"{where}: unknown field {field!r}{did_you_mean(str(field), allowed)}"
                 f" for type {kind} (allowed: {', '.join(allowed)})"
             )
     for field in REQUIRED[kind]:
@@ -351,24 +351,7 @@ def _check_key_exists(key: str, cfg: DictConfig) -> None:
     node = OmegaConf.select(cfg, key, default=_MISSING, throw_on_resolution_failure=False)
     if node is _MISSING:
         raise ConfigError(
-            f"search_space.{key}: no such config key{_did_you_mean(key, _leaf_keys(cfg))}"
+            f"search_space.{key}: no such config key{did_you_mean(key, leaf_keys(cfg))}"
         )
     if isinstance(node, DictConfig | ListConfig):
         raise ConfigError(f"search_space.{key}: names a config section, not a single value")
-
-
-def _leaf_keys(tree: Any, prefix: str = "") -> list[str]:
-    if isinstance(tree, DictConfig):
-        tree = OmegaConf.to_container(tree, resolve=False)
-    keys = []
-    for key, child in tree.items():
-        if isinstance(child, dict):
-            keys.extend(_leaf_keys(child, prefix=f"{prefix}{key}."))
-        else:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
-def _did_you_mean(word: str, options: Any) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
