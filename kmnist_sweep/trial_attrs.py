@@ -43,6 +43,8 @@ TRAIN_SECONDS = "speed/train_s"  # seconds in training phases of that run (valid
 IMAGES_PER_S = "speed/images_per_s"  # training images per second (validation excluded)
 SECONDS_PER_EPOCH = "speed/s_per_epoch"  # seconds per training epoch (validation excluded)
 PEAK_MEMORY_MB = "memory/peak_mb"  # MiB: CUDA max_memory_allocated, or peak RSS on a CPU
+NOISE_SCALE = "noise_scale"  # gradient noise scale B_simple per epoch of the run that counted,
+# images (list[float | None]; None: undefined that epoch), train/noise_scale.py
 
 # What a trial cost: a multi-objective study may optimise these beside a validation metric
 # (study.metrics); the objective returns the attribute's value.

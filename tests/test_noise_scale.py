@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from fastai.data.core import DataLoaders
@@ -12,7 +14,16 @@ from fastai.learner import Learner
 from fastai.optimizer import SGD
 from torch import nn
 
-from kmnist_sweep.train.noise_scale import NoiseScale, estimate, pooled, summarise
+from kmnist_sweep import trial_attrs
+from kmnist_sweep.train.noise_scale import (
+    NOISE_SCALE_KEY,
+    NoiseScale,
+    estimate,
+    pooled,
+    summarise,
+)
+from tests.conftest import run_cli
+from tests.test_tracking import history, offline_runs
 
 
 @pytest.mark.parametrize("population", [None, 1000])
@@ -82,3 +93,39 @@ def test_noise_scale_of_logistic_regression_is_within_a_fifth_of_the_truth() -> 
     measured = pooled(cb.parts)
     assert measured is not None
     assert measured == pytest.approx(truth, rel=0.2), (measured, truth, cb.values)
+
+
+@pytest.mark.slow  # under a minute, but two trials and two wandb runs through the CLI
+def test_a_batch_size_sweep_records_the_noise_scale_of_every_epoch(tmp_path: Path) -> None:
+    """Through the CLI: each trial of a small batch-size sweep stores a finite, positive
+    B_simple for each of its epochs, and its wandb run logs it per epoch. The LR is fixed
+    at one that trains smoothly (no range test): where the loss jumps about, the noise can
+    swamp the gradient and an epoch's value is rightly undefined."""
+    epochs = 2
+    out = run_cli(
+        "+sweep=batchsize",
+        "data=synthetic",
+        "data.image_size=16",
+        f"trainer.epochs={epochs}",
+        "study.n_trials=2",
+        "study.report=false",
+        "++search_space.trainer.batch_size.high=64",
+        "++search_space.trainer.lr={type: categorical, choices: [0.01]}",
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "PYTHONWARNINGS": ""},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    storage = f"sqlite:///{tmp_path / 'storage' / 'batchsize-synthetic.db'}"
+    study = optuna.load_study(study_name="batchsize-synthetic", storage=storage)
+    trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(trials) == 2
+    for trial in trials:
+        values = trial.user_attrs[trial_attrs.NOISE_SCALE]
+        assert len(values) == epochs, values
+        assert all(v is not None and math.isfinite(v) and v > 0 for v in values), values
+
+    runs = offline_runs(tmp_path / "sweeps" / "batchsize-synthetic")
+    assert len(runs) == 2
+    for records in runs.values():
+        logged = [row[NOISE_SCALE_KEY] for row in history(records) if NOISE_SCALE_KEY in row]
+        assert len(logged) == epochs and all(v > 0 for v in logged), logged

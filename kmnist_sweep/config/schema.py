@@ -215,6 +215,7 @@ SCHEMA: dict[str, Key] = {
         custom=_view_count,
         accepts="1, 5 or 9",
     ),
+    "trainer.noise_scale_every": _int("optimiser steps between noise-scale measurements", 0),
     "trainer.threads": _int("CPU threads (0: torch's default)", 0),
     # lr_finder:
     "lr_finder.start_lr": _float("learning rate at the first step", 0, low_open=True),

@@ -42,6 +42,7 @@ from kmnist_sweep.results.report import VALID_PREDICTIONS
 from kmnist_sweep.results.tracking import Tracker
 from kmnist_sweep.sweep import lr_seed
 from kmnist_sweep.train import batch_size, engine
+from kmnist_sweep.train.noise_scale import NOISE_SCALE_KEY
 from kmnist_sweep.train.standard_error import standard_errors
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,8 @@ class TrainingObjective:
             # Every end state keeps what happened to its batch size (and its LR).
             for key, value in record.as_attrs().items():
                 trial.set_user_attr(key, value)
+            if run.noise_scale:
+                trial.set_user_attr(trial_attrs.NOISE_SCALE, run.noise_scale)
             self.tracker.end_trial(state, reason, trial_summary(trial))
         # What retrains this trial: the seeded LR and the batch that actually fitted.
         final = {**values, "trainer.batch_size": record.effective}
@@ -252,6 +255,7 @@ class _TrialRun:
         self.trial_cfg = trial_cfg
         self.factors = factors  # searched key -> multiple of the LR finder's suggestion
         self.reported: set[int] = set()
+        self.noise_scale: list[float | None] = []  # per epoch of the latest attempt
         self.epochs = int(trial_cfg.trainer.epochs)
         # When the length of the schedule is searched, trials report at the percent of their
         # own one-cycle schedule done, so the pruner compares a 30-epoch run half-way with a
@@ -268,6 +272,7 @@ class _TrialRun:
 
     def attempt(self, bs: int) -> engine.TrainResult:
         obj, trial = self.objective, self.trial
+        self.noise_scale = []  # a halved attempt restarts from scratch
         run_cfg = apply_params(self.trial_cfg, {"trainer.batch_size": bs})
         for name, factor in self.factors.items():
             base, source = lr_seed.seeded_lr(trial.study, run_cfg, obj.dataset, bs)
@@ -285,6 +290,7 @@ class _TrialRun:
 
     def report(self, epoch: int, metrics: dict[str, float]) -> None:
         metric, trial = self.objective.metric, self.trial
+        self.noise_scale.append(metrics.get(NOISE_SCALE_KEY))
         if self.objective.tracker is not None:
             self.objective.tracker.log_epoch(epoch, metrics)
         if self.objective.multi:

@@ -30,6 +30,7 @@ from kmnist_sweep.train.ema import WeightAverage
 from kmnist_sweep.train.loader import make_loaders, use_channels_last
 from kmnist_sweep.train.metrics import balanced_accuracy, recall_counts
 from kmnist_sweep.train.model import build_model
+from kmnist_sweep.train.noise_scale import NOISE_SCALE_KEY, NoiseScale
 from kmnist_sweep.train.views import class_probabilities, split_metrics
 
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -120,8 +121,15 @@ class EpochReport(Callback):
 
     order = 70  # after fastai's Recorder (50) has written the epoch's log
 
-    def __init__(self, hook: EpochHook, epoch_offset: int = 0, echo: bool = False) -> None:
+    def __init__(
+        self,
+        hook: EpochHook,
+        epoch_offset: int = 0,
+        echo: bool = False,
+        noise: NoiseScale | None = None,
+    ) -> None:
         self.hook = hook
+        self.noise = noise  # its epoch's value joins the metrics; its seconds are not training
         self.epoch_offset = epoch_offset
         self.echo = echo  # one line per epoch where fastai's bars would garble a log file
         self.train_seconds = 0.0  # seconds in training phases only (no validation)
@@ -129,11 +137,15 @@ class EpochReport(Callback):
 
     def before_train(self) -> None:
         self.started = time.perf_counter()
+        self.measuring = self.noise.seconds if self.noise is not None else 0.0
 
     def after_train(self) -> None:
         if self.learn.dls.device.type == "cuda":
             torch.cuda.synchronize()  # the clock stops when the GPU is done, not the Python
-        self.train_seconds += time.perf_counter() - self.started
+        elapsed = time.perf_counter() - self.started
+        if self.noise is not None:  # measuring the noise scale is not training
+            elapsed -= self.noise.seconds - self.measuring
+        self.train_seconds += elapsed
         self.train_images += int(self.learn.dls.train.n)
 
     def after_epoch(self) -> None:
@@ -147,6 +159,8 @@ class EpochReport(Callback):
         }
         for name in names[2:]:
             metrics[metric_keys([name], "val")[0]] = float(values[name])
+        if self.noise is not None and self.noise.values and self.noise.values[-1] is not None:
+            metrics[NOISE_SCALE_KEY] = self.noise.values[-1]
         epoch = self.epoch_offset + self.learn.epoch + 1
         if self.echo:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -218,6 +232,7 @@ class TrainResult:
     seconds: float = 0.0  # wall time of fit + evaluation
     train_seconds: float = 0.0  # seconds spent in training phases (no validation)
     train_images: int = 0  # images trained on, all epochs
+    noise_seconds: float = 0.0  # measuring the gradient noise scale (not in train_seconds)
     peak_memory: int = 0  # bytes: CUDA max_memory_allocated, or peak RSS on a CPU
     learner: Learner | None = None
 
@@ -281,9 +296,12 @@ def train(
     start = time.perf_counter()
     memory.reset_peak(learn.dls.device)
     if epochs > 0:
-        report = EpochReport(record, echo=not bars and not quiet)
+        every = int(cfg.trainer.get("noise_scale_every", 0))
+        noise = NoiseScale(every) if every > 0 else None
+        report = EpochReport(record, echo=not bars and not quiet, noise=noise)
         ema = float(cfg.trainer.ema)
         averaged = [WeightAverage(ema)] if ema > 0 else []
+        measured = [noise] if noise is not None else []
         with contextlib.ExitStack() as stack:
             stack.callback(close_autocast, learn)  # also when an error leaves the batch
             if not bars:
@@ -293,9 +311,10 @@ def train(
                 epochs,
                 lr_max=float(cfg.trainer.lr),
                 pct_start=float(cfg.trainer.pct_start),
-                cbs=[report, *averaged, *(cbs or [])],
+                cbs=[report, *averaged, *measured, *(cbs or [])],
             )
         result.train_seconds, result.train_images = report.train_seconds, report.train_images
+        result.noise_seconds = noise.seconds if noise is not None else 0.0
         last = result.history[-1]
         result.valid = {k: v for k, v in last.items() if k.startswith("val/")}
     else:

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
 from fastai.callback.core import Callback
 
+NOISE_SCALE_KEY = "train/noise_scale"  # the per-epoch metric: B_simple, images
 SPLIT = 4  # the small batch is the first 1/SPLIT of the training batch
+LEAST = 4  # measured steps per epoch at the least, where the epoch has that many
 
 Norm = TypeVar("Norm", float, torch.Tensor)  # a squared norm, as a number or on the device
 
@@ -80,29 +83,34 @@ def summarise(values: Sequence[float | None], last: int = 2) -> float | None:
 
 
 class NoiseScale(Callback):
-    """Measures on the first optimiser step of each epoch and every `every`-th after it.
+    """Measures on every `every`-th optimiser step of an epoch, from its first, and on at
+    least `least` steps of an epoch that has them (a large batch has few steps per epoch).
 
-    The loss must be a mean over the batch (fastai's and torch's default): the gradient of
-    the first 1/SPLIT of the batch is then the loss function on that slice."""
+    Its own seconds are kept apart (`seconds`): the training time and speed that the engine
+    reports leave them out, so a size measured more often does not look slower. The loss
+    must be a mean over the batch (fastai's and torch's default): the small batch's loss is
+    then the loss function on the first 1/SPLIT of the batch."""
 
     order = 60  # after Autocast has made the predictions fp32
 
-    def __init__(self, every: int, population: int | None = None) -> None:
+    def __init__(self, every: int, least: int = LEAST, population: int | None = None) -> None:
         if every < 1:
             raise ValueError(f"every={every} must be at least 1")
-        self.every = every
+        self.every, self.least = every, least
         self.population = population  # None: the training loader's size
         self.values: list[float | None] = []
         self.parts: list[tuple[float, float]] = []  # (|G|², tr(Σ)) summed over each epoch
+        self.seconds = 0.0  # spent measuring, all epochs
 
     def before_fit(self) -> None:
-        self.values, self.parts = [], []
+        self.values, self.parts, self.seconds = [], [], 0.0
         self.params = [p for p in self.learn.model.parameters() if p.requires_grad]
+        self.device = self.params[0].device if self.params else torch.device("cpu")
 
     def before_epoch(self) -> None:
         # Summed on the device: reading a value would wait for the GPU at every measurement.
-        self.grad_sq = torch.zeros((), device=self._device())
-        self.trace = torch.zeros((), device=self._device())
+        self.grad_sq = torch.zeros((), device=self.device)
+        self.trace = torch.zeros((), device=self.device)
         self.small_sq: torch.Tensor | None = None
 
     def before_backward(self) -> None:
@@ -110,29 +118,36 @@ class NoiseScale(Callback):
         learn = self.learn
         big = _batch_size(learn.yb)
         small = big // SPLIT
-        if learn.iter % self.every or small < 1 or not self.params:
+        interval = max(1, min(self.every, int(learn.n_iter) // self.least))
+        if learn.iter % interval or small < 1 or not self.params:
             return
+        started = self._clock()
         loss = learn.loss_func(learn.pred[:small], *(y[:small] for y in learn.yb))
         grads = torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
         self.small_sq = _squared_norm([g for g in grads if g is not None])
         self.sizes = (small, big)
+        self.seconds += self._clock() - started
 
     def after_backward(self) -> None:
         if self.small_sq is None:
             return
+        started = self._clock()
         big_sq = _squared_norm([p.grad for p in self.params if p.grad is not None])
         population = self.population or int(getattr(self.learn.dls.train, "n", 0)) or None
         grad_sq, trace = estimate(self.small_sq, big_sq, *self.sizes, population)
         self.grad_sq += grad_sq
         self.trace += trace
         self.small_sq = None
+        self.seconds += self._clock() - started
 
     def after_train(self) -> None:
         self.parts.append((float(self.grad_sq), float(self.trace)))
         self.values.append(noise_scale(*self.parts[-1]))
 
-    def _device(self) -> torch.device:
-        return self.params[0].device if self.params else torch.device("cpu")
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the GPU's work so far belongs to training
+        return time.perf_counter()
 
 
 def _batch_size(yb: Sequence[torch.Tensor]) -> int:
