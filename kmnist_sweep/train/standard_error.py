@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from kmnist_sweep.train.metrics import recall_counts
+
 RULES = {
     "val/acc": "binomial on the validation images",
     "val/bacc": "from the per-class recalls and class counts",
@@ -38,8 +40,7 @@ def standard_errors(
     right = (preds == labels).double()
     p = float(right.mean())
     out = {"val/acc": math.sqrt(p * (1 - p) / n)}
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    hits = torch.bincount(labels, weights=right, minlength=num_classes)
+    hits, counts = (c.double() for c in recall_counts(labels, preds, num_classes))
     seen = counts > 0
     recall = hits[seen] / counts[seen]
     variance = float((recall * (1 - recall) / counts[seen]).sum())
