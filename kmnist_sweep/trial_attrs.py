@@ -13,9 +13,11 @@ from typing import Any
 # ---------------------------------------------------------------- written by the worker loop
 
 WORKER = "worker"  # index of the worker process that ran the trial (str)
+PROCESS = "process"  # host:pid of that process: its launcher fails the trial if it dies
 SURPLUS = "surplus"  # True: started after the study was full, failed on purpose
 STORAGE_ERROR = "storage_error"  # why the storage lost the trial (one line)
-INTERRUPTED = "interrupted"  # the signal that stopped it: SIGINT | SIGTERM
+INTERRUPTED = "interrupted"  # the signal that stopped it: SIGINT | SIGTERM, or SIGKILL
+# (any signal that kills at once) as its launcher saw its worker process die
 ERROR = "error"  # the trial's own exception, one line: counted against study.max_failed
 
 # ---------------------------------------------------------------- written by the runner

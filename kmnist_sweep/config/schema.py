@@ -299,6 +299,7 @@ SCHEMA: dict[str, Key] = {
     "tracking.init_timeout": _float("seconds", 0, low_open=True),
     # launcher:
     "launcher.name": _choice("launcher", "local", "slurm"),
+    "launcher.max_worker_restarts": _int("worker processes", 0),
     "launcher.executor": _choice("submitit cluster", "slurm", "local"),
     "launcher.jobs": _int("worker jobs", 1),
     "launcher.gpus_per_job": _int("GPUs per job", 0),

@@ -7,6 +7,7 @@ the worker loop (sweep/worker.py) on the shared study, pinned to its GPU when th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,11 +16,17 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+import optuna
 from omegaconf import DictConfig
 
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.sweep.faults import STOP_WAIT_S, signum_of, stop_seen
 from kmnist_sweep.sweep.progress import Progress
+from kmnist_sweep.sweep.storage import STORAGE_ERRORS
+from kmnist_sweep.sweep.study import FINISHED
+from kmnist_sweep.sweep.worker import fail_trials_of
+
+log = logging.getLogger(__name__)
 
 WORKER_ENTRY = "from kmnist_sweep.sweep.worker import worker_main; worker_main()"
 
@@ -71,36 +78,131 @@ def run_workers(
     log_dir: Path,
     progress: Progress,
     poll: float,
+    max_restarts: int = 0,
+    lock_path: Path | None = None,
 ) -> list[int]:
-    """Start one process per entry of `devices`, show progress until all exit; their codes."""
+    """Start one process per entry of `devices`, show progress until all exit; their codes.
+
+    A worker killed by a signal (the OOM killer, a lost process) has its running trial
+    failed and retried at once, and is replaced by a new one while the study needs trials,
+    at most `max_restarts` times in all: a worker that dies at every start stops there.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     env = worker_env(str(payload["objective"]), len(devices))
-    procs: list[subprocess.Popen[bytes]] = []
+    pool = _Pool(payload, devices, env, log_dir, progress.study, lock_path)
     try:
-        for index, device in enumerate(devices):
-            own_env = dict(env, KMNIST_SWEEP_WORKER=str(index))
-            if device is not None:
-                own_env["CUDA_VISIBLE_DEVICES"] = device
-            with open(log_dir / f"worker-{index}.log", "ab") as log_file:
-                proc = subprocess.Popen(
-                    [sys.executable, "-c", WORKER_ENTRY],
-                    stdin=subprocess.PIPE,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    env=own_env,
-                )
-            procs.append(proc)
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps(worker_payload(payload, index, device)).encode())
-            proc.stdin.close()
-        while any(p.poll() is None for p in procs):
+        for index in range(len(devices)):
+            pool.start(index)
+        while True:
             progress.refresh()
+            for index in pool.ended():
+                if pool.killed(index) and pool.needs_trials(progress.n_trials):
+                    pool.replace(index, max_restarts)
+            if not pool.alive():
+                break
             time.sleep(poll)
     except BaseException as exc:
         stop_seen(exc)
-        _stop_workers(procs, forward=signum_of(exc) == signal.SIGTERM)
+        _stop_workers(pool.procs, forward=signum_of(exc) == signal.SIGTERM)
+        pool.ended()  # fail the trials of the ones that had to be killed
         raise
-    return [cast(int, p.returncode) for p in procs]
+    return [cast(int, p.returncode) for p in pool.procs]
+
+
+class _Pool:
+    """The launcher's worker processes, by index; each ended one is seen once."""
+
+    def __init__(
+        self,
+        payload: dict[str, Any],
+        devices: list[str | None],
+        env: dict[str, str],
+        log_dir: Path,
+        study: optuna.Study,
+        lock_path: Path | None,
+    ) -> None:
+        self.payload, self.devices, self.env, self.log_dir = payload, devices, env, log_dir
+        self.study, self.lock_path = study, lock_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.seen: set[int] = set()  # pids of ended processes already handled
+        self.restarts = 0
+
+    def start(self, index: int) -> None:
+        own_env = dict(self.env, KMNIST_SWEEP_WORKER=str(index))
+        device = self.devices[index]
+        if device is not None:
+            own_env["CUDA_VISIBLE_DEVICES"] = device
+        with open(self.log_dir / f"worker-{index}.log", "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", WORKER_ENTRY],
+                stdin=subprocess.PIPE,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=own_env,
+            )
+        if index < len(self.procs):
+            self.procs[index] = proc
+        else:
+            self.procs.append(proc)
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(worker_payload(self.payload, index, device)).encode())
+        proc.stdin.close()
+
+    def alive(self) -> bool:
+        return any(p.poll() is None for p in self.procs)
+
+    def killed(self, index: int) -> bool:
+        """Killed by a signal it did not handle (its own stops exit with a status)."""
+        return (self.procs[index].returncode or 0) < 0
+
+    def ended(self) -> list[int]:
+        """Indices of processes that ended since the last call; a killed one's trials failed."""
+        indices = []
+        for index, proc in enumerate(self.procs):
+            if proc.poll() is None or proc.pid in self.seen:
+                continue
+            self.seen.add(proc.pid)
+            indices.append(index)
+            if self.killed(index):
+                signum = -cast(int, proc.returncode)
+                try:
+                    failed = fail_trials_of(self.study, proc.pid, signum, self.lock_path)
+                except STORAGE_ERRORS:
+                    failed = 0  # the heartbeat fails them once the storage is back
+                log.warning(
+                    "worker %d (pid %d) was killed by %s; %d running trial(s) failed and "
+                    "queued again",
+                    index,
+                    proc.pid,
+                    signal.Signals(signum).name,
+                    failed,
+                )
+        return indices
+
+    def needs_trials(self, n_trials: int) -> bool:
+        try:
+            return len(self.study.get_trials(deepcopy=False, states=FINISHED)) < n_trials
+        except STORAGE_ERRORS:
+            return True  # the new worker waits for the storage as the others do
+
+    def replace(self, index: int, max_restarts: int) -> None:
+        if self.restarts >= max_restarts:
+            log.warning(
+                "worker %d not replaced: launcher.max_worker_restarts=%d reached",
+                index,
+                max_restarts,
+            )
+            return
+        self.restarts += 1
+        self.start(index)
+        log.warning(
+            "worker %d replaced by a new one (pid %d), restart %d of "
+            "launcher.max_worker_restarts=%d",
+            index,
+            self.procs[index].pid,
+            self.restarts,
+            max_restarts,
+        )
 
 
 def worker_payload(payload: dict[str, Any], index: int, device: str | None) -> dict[str, Any]:

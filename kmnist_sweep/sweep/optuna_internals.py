@@ -9,11 +9,12 @@ lost track of, which Optuna's public API only allows for trials of this process.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, cast
 
 import optuna
 from optuna.storages import BaseStorage
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 
 def storage_of(study: optuna.Study) -> BaseStorage:
@@ -28,6 +29,22 @@ def record_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
 def set_trial_attr(study: optuna.Study, trial: FrozenTrial, key: str, value: Any) -> None:
     """A user attribute on any trial of the study, also one another process is running."""
     study._storage.set_trial_user_attr(trial._trial_id, key, value)
+
+
+def fail_and_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Fail a RUNNING trial of another process and hand it to the storage's stale-trial
+    callback (which queues its retry), as Optuna's fail_stale_trials does; False when it
+    had already ended."""
+    storage = cast(Any, study._storage)
+    try:
+        if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+    if callback is not None:
+        callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+    return True
 
 
 def heartbeat_interval(storage: BaseStorage) -> int | None:

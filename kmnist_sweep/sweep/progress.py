@@ -23,6 +23,7 @@ class Progress:
 
     def __init__(self, study: optuna.Study, n_trials: int, metric: str) -> None:
         self.study = study
+        self.n_trials = n_trials
         self.metric = metric
         # A multi-objective study names its values (sweep/study.py sets them); one value
         # keeps the metric it was given.

@@ -287,7 +287,15 @@ def run_workers(
         "deadline": deadline,
     }
     if plan.jobs is None:
-        return local.run_workers(payload, plan.devices, plan.log_dir, progress, poll)
+        return local.run_workers(
+            payload,
+            plan.devices,
+            plan.log_dir,
+            progress,
+            poll,
+            max_restarts=int(cfg.launcher.get("max_worker_restarts", 0)),
+            lock_path=plan.out_dir / SLOT_LOCK,
+        )
     return slurm.wait(slurm.submit_workers(cfg, payload), progress, poll)
 
 

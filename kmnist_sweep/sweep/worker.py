@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -86,6 +87,7 @@ def work(
                 raise _Surplus(f"study already holds {n_trials} finished or running trials")
             if heartbeat:  # before `worker`: see _fail_unstarted
                 optuna_internals.record_heartbeat(study, trial)
+            trial.set_user_attr(trial_attrs.PROCESS, process_tag(os.getpid()))
             trial.set_user_attr(trial_attrs.WORKER, os.environ.get("KMNIST_SWEEP_WORKER", "0"))
             with in_trial():
                 return objective(trial)
@@ -170,6 +172,34 @@ def _fail_lost(study: optuna.Study, t: FrozenTrial, why: str) -> None:
     optuna_internals.set_trial_attr(study, t, trial_attrs.STORAGE_ERROR, why)
     with suppress(optuna.exceptions.UpdateFinishedTrialError):
         study.tell(t.number, state=TrialState.FAIL)
+
+
+def process_tag(pid: int) -> str:
+    """A worker process, unique among the hosts that share a study."""
+    return f"{socket.gethostname()}:{pid}"
+
+
+def fail_trials_of(study: optuna.Study, pid: int, signum: int, lock_path: Path | None) -> int:
+    """Fail the RUNNING trials of this host's dead worker `pid` (killed by `signum`) and queue
+    their retries as a stale heartbeat would, at once rather than after the grace period, and
+    also when no worker is left to notice; how many. Another worker failing one first is fine.
+    """
+    tag = process_tag(pid)
+    slot = _SlotLock(lock_path)  # the lock _fail_stale runs under: one retry per trial
+    failed = 0
+    try:
+        slot.acquire()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get(trial_attrs.PROCESS) != tag:
+                continue
+            optuna_internals.set_trial_attr(
+                study, t, trial_attrs.INTERRUPTED, signal.Signals(signum).name
+            )
+            if optuna_internals.fail_and_retry(study, t):
+                failed += 1
+    finally:
+        slot.close()
+    return failed
 
 
 class _SlotLock:
