@@ -126,19 +126,11 @@ def run(cfg: DictConfig) -> float | None:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _entry(cfg: DictConfig) -> float | None:
-    try:
+    def work() -> float | None:
         save_snapshot(cfg)
         return run(cfg)
-    except UserError as exc:
-        # Bad input is the user's to fix: one line, no traceback, exit status 2.
-        fail(f"error: {exc}", 2)
-    except SweepStopped as exc:
-        # Not the user's input, and nothing lost: one line, exit 1, the same command resumes.
-        fail(f"stopped: {exc}", 1)
-    except KeyboardInterrupt as exc:
-        detail = str(exc) or "interrupted"
-        fail(f"interrupted: {detail}", exc.exit_code if isinstance(exc, Interrupted) else 130)
-    return None
+
+    return guarded(work)
 
 
 def fail(line: str, status: int) -> NoReturn:
@@ -170,10 +162,7 @@ def copy_study_cli(args: list[str]) -> None:
     parser.add_argument("to_url", help="storage to copy it to, e.g. postgresql://user@host/db")
     parser.add_argument("name", help="study name (study.name of the sweep)")
     ns = parser.parse_args(args)
-    try:
-        count = copy_study(ns.name, ns.from_url, ns.to_url)
-    except UserError as exc:
-        fail(f"error: {exc}", 2)
+    count = guarded(lambda: copy_study(ns.name, ns.from_url, ns.to_url))
     print(f"copied study {ns.name!r}: {count} trials to {mask_url(ns.to_url)}", flush=True)
 
 
@@ -243,13 +232,18 @@ def predict_cli(args: list[str]) -> None:
 
 
 def guarded(work: Callable[[], T]) -> T:
-    """`work()`, with bad input as one line and exit 2, Ctrl-C as exit 130."""
+    """`work()`, every command's one mapping from how it ended badly to a line and a status."""
     try:
         return work()
     except UserError as exc:
+        # Bad input is the user's to fix: one line, no traceback, exit status 2.
         fail(f"error: {exc}", 2)
+    except SweepStopped as exc:
+        # Not the user's input, and nothing lost: one line, exit 1, the same command resumes.
+        fail(f"stopped: {exc}", 1)
     except KeyboardInterrupt as exc:
-        fail(f"interrupted: {exc or 'interrupted'}", getattr(exc, "exit_code", 130))
+        code = exc.exit_code if isinstance(exc, Interrupted) else 130  # SIGTERM: 143
+        fail(f"interrupted: {exc or 'interrupted'}", code)
 
 
 def report_cli(args: list[str]) -> None:
