@@ -20,7 +20,9 @@ that wait.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
@@ -40,6 +42,24 @@ if TYPE_CHECKING:
     from kmnist_sweep.sweep.final import FinalResult
 
 T = TypeVar("T")
+
+
+def process_start() -> float:
+    """When this process started (Unix time): a budget's clock (study.budget) counts the
+    interpreter's start and imports too. Linux says it in /proc; elsewhere, from here."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+STARTED = min(process_start(), time.time())
 
 
 def train_once(cfg: DictConfig) -> float:
@@ -72,7 +92,13 @@ def sweep(cfg: DictConfig) -> float | None:
     """Run the sweep `+sweep=NAME` composed; print its summary line."""
     from kmnist_sweep.sweep.runner import run_sweep  # checks the config before any work
 
-    summary = run_sweep(cfg)
+    final_fit = None
+    if cfg.study.get("budget") is not None:  # a budgeted sweep ends with `final`'s fit
+        check_config(cfg)  # bad input first: the training stack loads with final.py
+        from kmnist_sweep.sweep.final import run_final
+
+        final_fit = run_final
+    summary = run_sweep(cfg, started=STARTED, final_fit=final_fit)
     if len(summary.metrics) > 1:
         # Several objectives have no best trial: the front's trials, each with its values.
         shown = ", ".join(
@@ -93,6 +119,8 @@ def sweep(cfg: DictConfig) -> float | None:
         f"see {summary.output_dir}/best.yaml and {summary.output_dir}/report/report.html",
         flush=True,
     )
+    for line in summary.budget:  # a budgeted sweep: its plan, what ran, the final fit
+        print(line, flush=True)
     return summary.best_value
 
 

@@ -24,6 +24,11 @@ ERROR = "error"  # the trial's own exception, one line: counted against study.ma
 
 QUEUED = "queued"  # why the runner queued the trial's values (study.start_from_defaults)
 
+# Trials of a budgeted study (study.budget), queued by the planner (sweep/budgeted.py):
+BUDGET_RUNG = "budget/rung"  # index of the successive-halving rung the trial runs at
+BUDGET_EPOCHS = "budget/epochs"  # epochs of that rung, which the trial trains
+BUDGET_SOURCE = "budget/source"  # the trial whose sampled config it retrains (itself at rung 0)
+
 # ---------------------------------------------------------------- written by the objective
 
 OVERRIDES = "overrides"  # Hydra overrides that retrain the trial exactly (list[str])
@@ -57,6 +62,8 @@ COSTS = (TRAIN_SECONDS, IMAGES_PER_S, SECONDS_PER_EPOCH, PEAK_MEMORY_MB)
 STUDY_METRIC = "metric"  # the metric key the study optimises, e.g. val/acc; a list of them
 # for a multi-objective study, in the order of its values (also its Optuna metric names)
 STUDY_SEARCH_SPACE = "search_space"  # the resolved search space the study was created with
+BUDGET_SPENT = "budget/spent_s"  # seconds of study.budget that runs of the study have used
+BUDGET_RUNS = "budget/runs"  # per run: its plan, the time of each phase, the answer (list)
 LR_CURVE_PREFIX = "lr_finder:"  # + curve key: a cached LR range test (its artifact id,
 # batch size and suggested LRs; the curve is an artifact, sweep/lr_seed.py)
 

@@ -3,11 +3,18 @@ measured, driven here as a worker loop drives them, against a simulated clock.""
 
 from __future__ import annotations
 
-import pytest
+import time
+from pathlib import Path
 
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from kmnist_sweep import trial_attrs
 from kmnist_sweep.config.check import check_config
 from kmnist_sweep.config.values import duration_s
 from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.results.bundle import read_bundle
 from kmnist_sweep.sweep.budget import (
     Seen,
     answer_rung,
@@ -19,6 +26,7 @@ from kmnist_sweep.sweep.budget import (
     plan,
     rung_epochs,
 )
+from tests.conftest import run_cli
 from tests.test_config import compose_cfg
 
 
@@ -188,3 +196,37 @@ def test_a_budget_too_short_for_the_top_rung_ends_at_the_first() -> None:
     answer = choose(seen)
     assert answer is not None and answer.rung == 0
     assert 0.6 * 150 <= end <= 150
+
+
+@pytest.mark.slow
+def test_a_budget_ends_on_time_with_a_bundle_and_resumes_with_its_time(tmp_path: Path) -> None:
+    """Through the CLI: 2 minutes, search and final fit, end inside the budget + 3%, with a
+    bundle, no trial cut by the budget; the same command again finds the time spent."""
+    budget = 120.0  # start-up, three 3-epoch trials, the final fit, under a loaded CI
+    args = ("+sweep=budget_cpu", "data=synthetic", f"study.budget={budget:.0f}s")
+    args += ("tracking=disabled", "study.report=false", "hydra.run.dir=run")
+    start = time.time()
+    done = run_cli(*args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    wall = time.time() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert wall <= 1.03 * budget, done.stdout
+    out = tmp_path / "sweeps" / "budget_cpu-synthetic"
+    study = optuna.load_study(
+        study_name="budget_cpu-synthetic",
+        storage=f"sqlite:///{tmp_path / 'storage' / 'budget_cpu-synthetic.db'}",
+    )
+    trials = study.get_trials(deepcopy=False)
+    assert trials and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert not any(trial_attrs.INTERRUPTED in t.user_attrs for t in trials)
+    (run,) = study.user_attrs[trial_attrs.BUDGET_RUNS]
+    bundle = Path(run["bundle"])
+    assert (tmp_path / bundle).is_file() and bundle.parent == Path("sweeps/budget_cpu-synthetic")
+    assert read_bundle(tmp_path / bundle).metrics["test/images"] == 128
+    assert run["answer"]["trial"] == int(bundle.stem.removeprefix("model-trial"))
+    assert f"bundle: {bundle}" in done.stdout and "budget 2m00s: search" in done.stdout
+    assert (out / "report" / "budget.png").is_file()
+
+    again = run_cli(*args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(study.get_trials(deepcopy=False)) == len(trials)  # no time left to search
+    assert "of earlier runs" in again.stdout and f"bundle: {bundle}" in again.stdout

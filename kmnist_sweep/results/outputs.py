@@ -44,11 +44,15 @@ class SweepSummary:
     metrics: list[str] = field(default_factory=list)  # the study's metric names, in order
     # Multi-objective: (trial number, values) of each Pareto-front trial; best_* are None.
     front: list[tuple[int, list[float]]] = field(default_factory=list)
+    # A budgeted sweep: what it planned and did, the final fit and the bundle (lines).
+    budget: list[str] = field(default_factory=list)
 
 
-def summarize(study: optuna.Study, n_trials: int, storage: str, out_dir: Path) -> SweepSummary:
+def summarize(
+    study: optuna.Study, n_trials: int, storage: str, out_dir: Path, chosen: int | None = None
+) -> SweepSummary:
     trials = study.get_trials(deepcopy=False)
-    best = _best_trial(study)
+    best = _best_trial(study) if chosen is None else study.trials[chosen]
     front = pareto_front(study)
     return SweepSummary(
         study_name=study.study_name,
@@ -140,8 +144,14 @@ def _leaf_diff(reference: DictConfig, cfg: DictConfig) -> list[tuple[str, Any]]:
 
 
 def write_results(
-    study: optuna.Study, cfg: DictConfig, out_dir: Path, base_overrides: list[str]
+    study: optuna.Study,
+    cfg: DictConfig,
+    out_dir: Path,
+    base_overrides: list[str],
+    chosen: int | None = None,
 ) -> None:
+    """trials.csv and best.yaml: the trial `chosen` (a budgeted sweep's answer), else the
+    best trial, else the Pareto front."""
     trials = study.get_trials(deepcopy=False)
     multi = is_multi_objective(study)
     names = metric_names(study) if multi else None
@@ -151,7 +161,7 @@ def write_results(
         if front:
             write_atomic(out_dir / "best.yaml", front_yaml(study, cfg, front, base_overrides))
         return
-    best = _best_trial(study)
+    best = _best_trial(study) if chosen is None else study.trials[chosen]
     if best is None:
         return
     write_atomic(out_dir / "best.yaml", best_yaml(study, cfg, best, base_overrides))

@@ -27,6 +27,7 @@ from kmnist_sweep import trial_attrs
 from kmnist_sweep.config.check import objectives
 from kmnist_sweep.config.schema import STEP_PRUNERS
 from kmnist_sweep.config.search_space import (
+    EPOCHS_KEY,
     Param,
     apply_params,
     parse_space,
@@ -40,7 +41,7 @@ from kmnist_sweep.results import report
 from kmnist_sweep.results.batchsize import answer_text, size_answer
 from kmnist_sweep.results.report import VALID_PREDICTIONS
 from kmnist_sweep.results.tracking import Tracker
-from kmnist_sweep.sweep import lr_seed
+from kmnist_sweep.sweep import budgeted, lr_seed
 from kmnist_sweep.train import batch_size, engine
 from kmnist_sweep.train.noise_scale import NOISE_SCALE_KEY
 from kmnist_sweep.train.standard_error import standard_errors
@@ -98,6 +99,10 @@ class TrainingObjective:
         # the test at every size (at 2048, longer than the trial).
         self.cfg = apply_params(cfg, {"lr_finder.batch_size": int(cfg.lr_finder.batch_size)})
         self.params = parse_space(cfg.search_space, cfg)
+        # A budgeted sweep's rungs set the epochs: a searched trainer.epochs is not sampled.
+        self.rungs = budgeted.rungs_of(cfg) if budgeted.budget_s(cfg) is not None else None
+        if self.rungs is not None:
+            self.params = [p for p in self.params if p.name != EPOCHS_KEY]
         self.seeded = [p.name for p in self.params if p.type == "lr_finder"]
         self.metric = str(cfg.study.metric)
         # Several objectives: the trial returns one value per metric, in this order.
@@ -144,12 +149,25 @@ class TrainingObjective:
 
     # ---------------------------------------------------------------- one trial
 
+    def rung_epochs(self, trial: optuna.Trial) -> int:
+        """A budgeted trial's epochs: its rung's, as the planner queued it; a trial queued
+        otherwise (the defaults' trial 0) runs the first rung and is marked so."""
+        assert self.rungs is not None
+        attrs = trial.user_attrs
+        if trial_attrs.BUDGET_EPOCHS not in attrs:
+            trial.set_user_attr(trial_attrs.BUDGET_RUNG, 0)
+            trial.set_user_attr(trial_attrs.BUDGET_EPOCHS, self.rungs[0])
+            return self.rungs[0]
+        return int(attrs[trial_attrs.BUDGET_EPOCHS])
+
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         if self.tracker is None:
             self.tracker = Tracker(self.cfg.tracking, str(self.cfg.study.name), self.out_dir)
             atexit.register(self.tracker.close)
         values = suggest_params(trial, self.params)
         factors = {name: values.pop(f"{name}.factor") for name in self.seeded}
+        if self.rungs is not None:
+            values[EPOCHS_KEY] = self.rung_epochs(trial)
         trial_cfg = apply_params(self.cfg, values)
         trial.set_user_attr(trial_attrs.OVERRIDES, to_overrides(values))
         if self.dataset.note:

@@ -6,7 +6,7 @@ line shows every metric."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -21,10 +21,17 @@ from kmnist_sweep.sweep.study import FINISHED
 class Progress:
     """A study-level bar (finished / total, best so far) fed by polling the storage."""
 
-    def __init__(self, study: optuna.Study, n_trials: int, metric: str) -> None:
+    def __init__(
+        self,
+        study: optuna.Study,
+        n_trials: int,
+        metric: str,
+        status: Callable[[], str] | None = None,
+    ) -> None:
         self.study = study
         self.n_trials = n_trials
         self.metric = metric
+        self.status = status  # a budgeted sweep's phase and time left
         # A multi-objective study names its values (sweep/study.py sets them); one value
         # keeps the metric it was given.
         names = study.metric_names if len(study.directions) > 1 else None
@@ -32,9 +39,11 @@ class Progress:
         trials = study.get_trials(deepcopy=False)
         self.seen = {t.number for t in trials if t.state.is_finished()}
         finished = sum(t.state in FINISHED for t in trials)
+        # A budget, not a count, ends a budgeted sweep: its bar counts without a total.
+        total = None if status is not None else n_trials
         self.bar = tqdm(
-            total=n_trials,
-            initial=min(finished, n_trials),
+            total=total,
+            initial=finished if total is None else min(finished, n_trials),
             desc=study.study_name,
             unit="trial",
             dynamic_ncols=True,
@@ -51,12 +60,14 @@ class Progress:
                 self.seen.add(t.number)
                 self.bar.write(describe_trial(t, self.metrics))
         finished = sum(t.state in FINISHED for t in trials)
-        self.bar.n = min(finished, self.bar.total)
+        self.bar.n = finished if self.bar.total is None else min(finished, self.bar.total)
         complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
         postfix: dict[str, Any] = {
             "running": sum(t.state == TrialState.RUNNING for t in trials),
             "pruned": sum(t.state == TrialState.PRUNED for t in trials),
         }
+        if self.status is not None:
+            postfix["budget"] = self.status()
         if complete:
             first = self.study.directions[0]
             sign = 1.0 if first == optuna.study.StudyDirection.MAXIMIZE else -1.0

@@ -36,6 +36,7 @@ from kmnist_sweep.results.outputs import (
     write_results,
 )
 from kmnist_sweep.sweep import local, optuna_internals, slurm
+from kmnist_sweep.sweep.budget_run import NO_FINAL_FIT, BudgetRun, FinalFit
 from kmnist_sweep.sweep.faults import check_failures, signum_of, stop_on_signals, stop_seen
 from kmnist_sweep.sweep.progress import Progress
 from kmnist_sweep.sweep.protocol import (
@@ -81,14 +82,23 @@ def run_sweep(
     cfg: DictConfig,
     objective_factory: Factory | None = None,
     base_overrides: Sequence[str] | None = None,
+    started: float | None = None,
+    final_fit: FinalFit | None = None,
 ) -> SweepSummary:
-    """Run the study in `cfg.study` over `cfg.search_space` until it holds n_trials trials.
+    """Run the study in `cfg.study` over `cfg.search_space` until it holds n_trials trials,
+    or, with `study.budget`, plan trials until the budget allows only the final fit, then
+    fit and bundle the answer.
 
     `objective_factory(cfg)` builds the objective (by default the one `study.objective`
     names). `base_overrides` are the command-line overrides best.yaml repeats (default:
-    from Hydra's runtime config when there is one).
+    from Hydra's runtime config when there is one). `started`: when the command started
+    (Unix time), where a budget's clock starts (default: now). `final_fit`: `final`'s
+    run_final, which a budgeted sweep ends with.
     """
+    started = time.time() if started is None else started
     plan = plan_sweep(cfg, objective_factory)
+    if final_fit is None and cfg.study.get("budget") is not None:
+        raise ConfigError(NO_FINAL_FIT)
     # Every check of the input is done by here (the sampler's and pruner's settings first
     # thing in open_sweep_study): nothing was created or written so far.
     study = open_sweep_study(
@@ -111,6 +121,9 @@ def run_sweep(
     since = datetime.datetime.now()
     timeout = cfg.study.get("timeout")
     deadline = None if timeout is None else time.time() + float(timeout)
+    run = BudgetRun.start(cfg, study, started, plan.jobs or len(plan.devices))
+    if run is not None:
+        deadline = run.budget.end
     log.info(
         "study %s in %s: %d/%d trials finished, %d worker(s)%s",
         study.study_name,
@@ -122,12 +135,17 @@ def run_sweep(
     )
     worker_status: list[int] = []
     stopped: BaseException | None = None
-    progress = Progress(study, plan.n_trials, str(cfg.study.metric))
+    progress = Progress(
+        study,
+        plan.n_trials,
+        str(cfg.study.metric),
+        status=None if run is None else run.progress_status,
+    )
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar prints one line per trial
     try:
         with stop_on_signals():
-            worker_status = run_workers(cfg, plan, study, progress, since, deadline)
+            worker_status = run_workers(cfg, plan, study, progress, since, deadline, run)
         progress.refresh()
     except (KeyboardInterrupt, SweepStopped) as exc:
         stop_seen(exc)
@@ -135,10 +153,16 @@ def run_sweep(
     finally:
         progress.close()
         optuna.logging.set_verbosity(verbosity)
-        write_outputs(study, cfg, plan, list(base_overrides))
+        chosen = None if run is None else run.search_done()
+        # A budgeted sweep's report waits for its final fit, whose figure it shows.
+        write_outputs(study, cfg, plan, list(base_overrides), chosen, report=run is None)
     if stopped is not None:
         raise _as_stop(stopped, study, plan.n_trials) from None
-    return check_total(study, cfg, plan, since, deadline, worker_status)
+    summary = check_total(study, cfg, plan, since, deadline, worker_status, run is not None)
+    if run is None:
+        return summary
+    assert final_fit is not None
+    return run.finish(summary, plan.out_dir, lambda: plan.objective.finish(study), final_fit)
 
 
 def check_recipe_kept(snapshot: Path, name: str) -> None:
@@ -262,9 +286,11 @@ def run_workers(
     progress: Progress,
     since: datetime.datetime,
     deadline: float | None,
+    run: BudgetRun | None = None,
 ) -> list[int]:
-    """Run the workers until the study is full; the exit status of each worker process or
-    job ([] when the single worker ran in this process)."""
+    """Run the workers until the study is full (or the budget's planner stops them); the
+    exit status of each worker process or job ([] when the single worker ran in this
+    process)."""
     poll = float(cfg.study.get("poll_interval", 1.0))
     if plan.in_process:
         work(
@@ -277,6 +303,7 @@ def run_workers(
             heartbeat=heartbeat_enabled(optuna_internals.storage_of(study)),
             lock_path=plan.out_dir / SLOT_LOCK,
             on_trial_end=progress.refresh,
+            planner=None if run is None else run.budget.step,
             **fault_limits(cfg.study),
         )
         return []
@@ -285,6 +312,7 @@ def run_workers(
         "objective": plan.objective_path,
         "since": since.isoformat(),
         "deadline": deadline,
+        "budget_end": None if run is None else run.budget.end,
     }
     if plan.jobs is None:
         return local.run_workers(
@@ -300,13 +328,20 @@ def run_workers(
 
 
 def write_outputs(
-    study: optuna.Study, cfg: DictConfig, plan: Plan, base_overrides: list[str]
+    study: optuna.Study,
+    cfg: DictConfig,
+    plan: Plan,
+    base_overrides: list[str],
+    chosen: int | None = None,
+    report: bool = True,
 ) -> None:
-    """trials.csv, best.yaml, then the objective's own (the report); a failure here is a
-    warning, never an error that would hide why the sweep stopped."""
+    """trials.csv, best.yaml (trial `chosen`, else the best), then the objective's own
+    (the report); a failure here is a warning, never an error that would hide why the
+    sweep stopped."""
     try:
-        write_results(study, cfg, plan.out_dir, base_overrides)
-        plan.objective.finish(study)
+        write_results(study, cfg, plan.out_dir, base_overrides, chosen)
+        if report:
+            plan.objective.finish(study)
     except Exception as exc:
         log.warning("could not write %s: %s", plan.out_dir, error_line(exc))
 
@@ -318,9 +353,10 @@ def check_total(
     since: datetime.datetime,
     deadline: float | None,
     worker_status: list[int],
+    budgeted: bool = False,
 ) -> SweepSummary:
-    """The summary once the study holds its total (or the grid or time ran out); else
-    SweepStopped saying why and that the same command resumes it."""
+    """The summary once the study holds its total (or the grid, the time or the budget ran
+    out); else SweepStopped saying why and that the same command resumes it."""
     try:
         summary = summarize(study, plan.n_trials, mask_url(str(cfg.study.storage)), plan.out_dir)
         trials = study.get_trials(deepcopy=False)
@@ -330,7 +366,8 @@ def check_total(
             "run the same command again once it is back"
         ) from None
     finished = summary.complete + summary.pruned
-    timed_out = deadline is not None and time.time() >= deadline
+    # A budget's planner stops the workers when no trial fits: that is its end, not a stop.
+    timed_out = budgeted or (deadline is not None and time.time() >= deadline)
     if finished < plan.n_trials and not grid_exhausted(study) and not timed_out:
         check_failures(trials, since, fault_limits(cfg.study)["max_failed"])
         crashed = [f"worker {i} exited with {rc}" for i, rc in enumerate(worker_status) if rc]

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kmnist_sweep import trial_attrs
 from kmnist_sweep.config.search_space import parse_space
 from kmnist_sweep.errors import SweepStopped, error_line
-from kmnist_sweep.sweep import optuna_internals
+from kmnist_sweep.sweep import budgeted, optuna_internals
 from kmnist_sweep.sweep.faults import (
     STORAGE_PATIENCE_S,
     Outage,
@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 SLOT_LOCK = ".slots.lock"  # file under output_dir that workers on one host take turns on
 
+# A budgeted sweep's planner: given the study and its trials, queue the next trial ("run"),
+# or "wait" or "stop".
+Planner = Callable[[optuna.Study, Sequence[FrozenTrial]], str]
+
 
 def work(
     study: optuna.Study,
@@ -60,6 +64,7 @@ def work(
     on_trial_end: Callable[[], None] | None = None,
     max_failed: int | None = None,
     storage_patience: float = STORAGE_PATIENCE_S,
+    planner: Planner | None = None,
 ) -> None:
     """One worker's loop: run trials until the study holds n_trials finished ones.
 
@@ -74,6 +79,10 @@ def work(
     `max_failed` trials of this run (all workers) have raised an error, the cause is a bug
     rather than bad luck: the worker stops instead of failing every remaining trial.
     SIGTERM is handled as Ctrl-C: the running trial is failed and recorded.
+
+    A budgeted sweep's `planner` (sweep/budgeted.py) decides, under the lock, what the next
+    trial runs and queues it (`run`), or says `wait` (others' results may change its mind)
+    or `stop` (no trial fits in the time left).
     """
     since = since or datetime.datetime.now()
     slot = _SlotLock(lock_path)
@@ -134,6 +143,14 @@ def work(
                         slot.release()
                         time.sleep(poll)  # others still run; one may die and be retried
                         continue
+                    if planner is not None and queued == 0:
+                        decision = planner(study, trials)
+                        if decision == "stop":
+                            return
+                        if decision == "wait":
+                            slot.release()
+                            time.sleep(poll)
+                            continue
                     with quiet_optuna_warnings():
                         # A failed trial is recorded with its error and the sweep goes on;
                         # max_failed stops it when every trial fails.
@@ -310,6 +327,8 @@ def worker_run(payload: dict[str, Any]) -> None:
     params = parse_space(cfg.search_space, cfg)
     objective = as_sweep_objective(load_factory(str(payload["objective"]))(cfg))
     study = open_sweep_study(study_cfg, params, index, objective.constraint)
+    end = payload.get("budget_end")
+    planner = None if end is None else budgeted.Budget.from_config(cfg, float(end)).step
     log.info("worker %d (pid %d) joins study %s", index, os.getpid(), study.study_name)
     try:
         work(
@@ -321,6 +340,7 @@ def worker_run(payload: dict[str, Any]) -> None:
             poll=float(study_cfg.get("poll_interval", 1.0)),
             heartbeat=heartbeat_enabled(optuna_internals.storage_of(study)),
             lock_path=Path(str(study_cfg.output_dir)) / SLOT_LOCK,
+            planner=planner,
             **fault_limits(study_cfg),
         )
     except KeyboardInterrupt as exc:
