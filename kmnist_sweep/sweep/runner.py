@@ -122,8 +122,7 @@ def run_sweep(
     timeout = cfg.study.get("timeout")
     deadline = None if timeout is None else time.time() + float(timeout)
     run = BudgetRun.start(cfg, study, started, plan.jobs or len(plan.devices))
-    if run is not None:
-        deadline = run.budget.end
+    deadline = deadline if run is None else run.budget.end
     log.info(
         "study %s in %s: %d/%d trials finished, %d worker(s)%s",
         study.study_name,
@@ -135,12 +134,8 @@ def run_sweep(
     )
     worker_status: list[int] = []
     stopped: BaseException | None = None
-    progress = Progress(
-        study,
-        plan.n_trials,
-        str(cfg.study.metric),
-        status=None if run is None else run.progress_status,
-    )
+    status = None if run is None else run.progress_status  # a budget's phase, time left
+    progress = Progress(study, plan.n_trials, str(cfg.study.metric), status)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar prints one line per trial
     try:
@@ -288,9 +283,8 @@ def run_workers(
     deadline: float | None,
     run: BudgetRun | None = None,
 ) -> list[int]:
-    """Run the workers until the study is full (or the budget's planner stops them); the
-    exit status of each worker process or job ([] when the single worker ran in this
-    process)."""
+    """Run the workers until the study is full or a budget's planner stops them; the exit
+    status of each worker process or job ([] when the single worker ran in this process)."""
     poll = float(cfg.study.get("poll_interval", 1.0))
     if plan.in_process:
         work(
