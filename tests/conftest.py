@@ -58,6 +58,8 @@ def compose_cfg() -> Callable[..., DictConfig]:
 LONGEST_FIRST = (
     "test_final_predict.py",
     "reliability/test_faults.py",
+    "reliability/test_scaleout.py",
+    "reliability/test_slurm.py",
     "test_cli.py",
     "test_trustworthy.py",
     "test_objective.py",

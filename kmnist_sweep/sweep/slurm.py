@@ -8,14 +8,18 @@ study wants N identical workers that share its storage and take trials from it u
 total is reached. Each job runs `worker.worker_run`, the loop of the runner's local worker
 processes, so a job that dies costs only its running trial (failed by heartbeat, retried by
 another worker). `executor: local` is submitit's LocalExecutor: the same job code, run as
-processes on this machine; the tests use it.
+processes on this machine. Job states come from `squeue` and the jobs' result files, not
+`sacct`, which needs SLURM's accounting database (slurmdbd) that many clusters lack.
 """
 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import logging
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -113,6 +117,10 @@ def run_job(payload: dict[str, Any]) -> None:
         env.hostname,
         os.environ.get("CUDA_VISIBLE_DEVICES", ""),
     )
+    # submitit asks SLURM for USR2 some time before the time limit and, on it, requeues a job
+    # it takes for preempted: with a short --time it comes at once. A worker needs neither:
+    # at the limit SLURM's SIGTERM fails the running trial, and another worker retries it.
+    signal.signal(signal.SIGUSR2, _near_time_limit)
     try:
         worker_run(payload)
     except SystemExit as exc:  # interrupted or stopped: the job failed, the reason is logged
@@ -120,11 +128,17 @@ def run_job(payload: dict[str, Any]) -> None:
             raise RuntimeError(f"worker {index} exited with status {exc.code}") from None
 
 
+def _near_time_limit(signum: int, _frame: Any) -> None:
+    log.info(
+        "%s: the job's time limit is near; the running trial goes on", signal.Signals(signum).name
+    )
+
+
 def wait(jobs: Sequence[Job[None]], progress: Progress, poll: float) -> list[int]:
     """Show progress until every job has ended; per job 0 (ended well) or 1 (failed, its log
     named in an error line). On Ctrl-C or an error here, running jobs are cancelled first."""
     try:
-        while not all(job.done() for job in jobs):
+        while not all(ended(jobs)):
             progress.refresh()
             time.sleep(poll)
     except BaseException as exc:
@@ -142,14 +156,48 @@ def cancel(jobs: Sequence[Job[None]]) -> None:
 
     if any(isinstance(job, submitit.LocalJob) for job in jobs):
         _wait_done(jobs, faults.STOP_WAIT_S / 2)
-    for job in jobs:
-        if not job.done():
+    for job, done in zip(jobs, ended(jobs), strict=True):
+        if not done:
             with contextlib.suppress(Exception):  # ended meanwhile, or scancel failed
                 job.cancel(check=False)
     _wait_done(jobs, faults.STOP_WAIT_S)
 
 
+def ended(jobs: Sequence[Job[None]]) -> list[bool]:
+    """Whether each job has ended. SLURM jobs: their result file, or gone from `squeue`.
+    submitit asks `sacct`, which needs SLURM's accounting database: a cluster without one
+    answers nothing, and a job killed before it wrote its result would never end."""
+    import submitit
+
+    if not any(isinstance(job, submitit.SlurmJob) for job in jobs):
+        return [job.done() for job in jobs]
+    queued = _queued()
+    return [
+        job.paths.result_pickle.exists() or (queued is not None and job.job_id not in queued)
+        for job in jobs
+    ]
+
+
+def _queued() -> set[str] | None:
+    """Ids (array tasks as 123_4) of this user's jobs SLURM still holds; None if unknown."""
+    command = ["squeue", "--noheader", "--array", "--format=%i", f"--user={getpass.getuser()}"]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None  # squeue down for a moment: ask again at the next poll
+    return set(out.stdout.split())
+
+
 def _status(index: int, job: Job[None]) -> int:
+    if not job.paths.result_pickle.exists():  # killed: scancel, its time limit, its node
+        log.error(
+            "worker job %d (%s) ended without a result (cancelled or stopped at its time "
+            "limit); its running trial is retried; its log: %s",
+            index,
+            job.job_id,
+            job.paths.stderr,
+        )
+        return 1
     error = job.exception()
     if error is None:
         return 0
@@ -174,8 +222,8 @@ def _reason(error: BaseException) -> str:
 
 def _wait_done(jobs: Sequence[Job[None]], seconds: float) -> None:
     end = time.time() + seconds
-    while time.time() < end and not all(job.done() for job in jobs):
-        time.sleep(0.2)
+    while time.time() < end and not all(ended(jobs)):
+        time.sleep(0.5)
 
 
 def _make_executor(launcher_cfg: DictConfig) -> AutoExecutor:
