@@ -37,9 +37,9 @@ def worker_devices(cfg: DictConfig) -> list[str | None]:
     `study.workers: auto` = one worker per visible GPU x workers_per_gpu, one without GPUs;
     an integer N = N workers, spread round-robin over the GPUs.
     """
-    workers = cfg.study.get("workers", "auto")
-    per_gpu = int(cfg.study.get("workers_per_gpu", 1))
-    gpus = visible_gpus(str(cfg.get("trainer", {}).get("device", "auto")))
+    workers = cfg.study.workers
+    per_gpu = int(cfg.study.workers_per_gpu)
+    gpus = visible_gpus(str(cfg.trainer.device))
     if str(workers) == "auto":
         count = len(gpus) * per_gpu if gpus else 1
     else:

@@ -133,7 +133,7 @@ class TrainingObjective:
 
     def finish(self, study: optuna.Study) -> None:
         """The report, and for a batch-size study its answer on one line."""
-        if self.cfg.study.get("report", True):
+        if self.cfg.study.report:
             log.info("report: %s", report.report_sweep(study, self.cfg))
         answer = size_answer(study, self.metric)
         if answer is not None and answer.pick is None:

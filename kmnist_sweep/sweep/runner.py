@@ -285,7 +285,7 @@ def run_workers(
 ) -> list[int]:
     """Run the workers until the study is full or a budget's planner stops them; the exit
     status of each worker process or job ([] when the single worker ran in this process)."""
-    poll = float(cfg.study.get("poll_interval", 1.0))
+    poll = float(cfg.study.poll_interval)
     if plan.in_process:
         work(
             study,
@@ -391,5 +391,4 @@ def _as_stop(stopped: BaseException, study: optuna.Study, n_trials: int) -> Base
 
 
 def _on_slurm(cfg: DictConfig) -> bool:
-    launcher_cfg = cfg.get("launcher")
-    return launcher_cfg is not None and str(launcher_cfg.get("name", "local")) == "slurm"
+    return str(cfg.launcher.name) == "slurm"

@@ -304,10 +304,10 @@ def _fail_unstarted(study: optuna.Study) -> None:
 
 def fault_limits(study_cfg: DictConfig) -> dict[str, Any]:
     """work()'s limits from the study config: failing trials, storage outage (seconds)."""
-    max_failed = study_cfg.get("max_failed", 10)
+    max_failed = study_cfg.max_failed
     return {
         "max_failed": None if max_failed is None else int(max_failed),
-        "storage_patience": float(study_cfg.get("storage_patience", STORAGE_PATIENCE_S)),
+        "storage_patience": float(study_cfg.storage_patience),
     }
 
 
@@ -337,7 +337,7 @@ def worker_run(payload: dict[str, Any]) -> None:
             int(study_cfg.n_trials),
             deadline=payload.get("deadline"),
             since=datetime.datetime.fromisoformat(payload["since"]),
-            poll=float(study_cfg.get("poll_interval", 1.0)),
+            poll=float(study_cfg.poll_interval),
             heartbeat=heartbeat_enabled(optuna_internals.storage_of(study)),
             lock_path=Path(str(study_cfg.output_dir)) / SLOT_LOCK,
             planner=planner,
