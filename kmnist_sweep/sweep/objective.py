@@ -280,13 +280,13 @@ class _TrialRun:
         # 5-epoch run half-way, not with its annealed end (`report_steps`).
         self.by_fraction = any(p.name == "trainer.epochs" for p in objective.params)
         pruner = objective.cfg.study.pruner
-        grid = 10 if str(pruner.get("type")) in STEP_PRUNERS else 1
+        grid = 10 if str(pruner.type) in STEP_PRUNERS else 1
         self.steps = (
             report_steps(self.epochs, grid)
             if self.by_fraction
             else {e: e for e in range(1, self.epochs + 1)}
         )
-        self.warmup = int(pruner.get("n_warmup_steps", 0) or 0)
+        self.warmup = int(pruner.n_warmup_steps)
 
     def attempt(self, bs: int) -> engine.TrainResult:
         obj, trial = self.objective, self.trial
