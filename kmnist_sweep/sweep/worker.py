@@ -162,6 +162,14 @@ def work(
                     # Our trial was failed as stale while the storage was away; its retry
                     # stands in for it.
                     log.warning("%s; its retry replaces it", error_line(exc))
+                except ValueError as exc:
+                    # The same, seen by Optuna when it records the end of our trial: this
+                    # host was cut off long enough for others to fail the trial as stale.
+                    if not mine or not str(exc).startswith("Cannot tell a FAIL trial"):
+                        raise
+                    log.warning(
+                        "trial %d was failed by another worker; its retry replaces it", mine[-1]
+                    )
                 except Exception as exc:
                     cause = storage_cause(exc)
                     if cause is None:

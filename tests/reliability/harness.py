@@ -51,8 +51,13 @@ class Sweep:
     count = 0
 
     def __init__(
-        self, args: list[str], cwd: Path, env: dict[str, str | None] | None = None
+        self,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str | None] | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
+        """`prefix` runs it through another command, e.g. `ip netns exec HOST`."""
         Sweep.count += 1
         self.out = cwd / f"sweep-{Sweep.count}.out"
         self.err = cwd / f"sweep-{Sweep.count}.err"
@@ -65,7 +70,7 @@ class Sweep:
                 environ[key] = value
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kmnist_sweep", *args],
+                [*(prefix or []), sys.executable, "-m", "kmnist_sweep", *args],
                 cwd=cwd,
                 env=environ,
                 stdout=out,
