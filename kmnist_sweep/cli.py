@@ -252,6 +252,9 @@ def predict_cli(args: list[str]) -> None:
         from kmnist_sweep.results import predict
 
         preds = predict.run_predict(ns.bundle, ns.images, ns.top_k, ns.csv)
+        for pred in preds:
+            if pred.blank:
+                print(f"kmnist_sweep: warning: {pred.path}: {predict.BLANK}", file=sys.stderr)
         return [predict.format_line(pred) for pred in preds]
 
     for line in guarded(classify):

@@ -31,12 +31,14 @@ from kmnist_sweep.results.bundle import Bundle, load_model, read_bundle
 from kmnist_sweep.train.views import class_probabilities, split_metrics
 
 BATCH = 256  # images per forward pass: small next to any GPU, quick on a CPU
+BLANK = "a blank image (no ink stands out from its paper): its characters are guesses"
 
 
 @dataclass(frozen=True)
 class Prediction:
     path: Path
     inverted: bool  # the image was dark ink on light paper and was inverted
+    blank: bool  # no ink was found: the top characters are the model's guess at nothing
     top: list[tuple[int, str, float]]  # (class index, character, probability), best first
 
 
@@ -88,28 +90,31 @@ def predict_files(
     device: torch.device,
 ) -> list[Prediction]:
     """The top `top_k` characters of each image file, read as the training data looks."""
-    pixels, inverted = [], []
+    pixels, read = [], []
     for path in tqdm(files, desc="reading images", unit="img", disable=None, leave=False):
-        image, flipped = read_image(path, bundle.image_size)
-        pixels.append(torch.from_numpy(image.copy()))  # Pillow arrays are read-only
-        inverted.append(flipped)
+        framed = read_image(path, bundle.image_size)
+        pixels.append(torch.from_numpy(framed.pixels.copy()))  # Pillow arrays are read-only
+        read.append(framed)
     images = torch.stack(pixels) if pixels else torch.zeros((0, bundle.image_size) * 2)
     probs = probabilities(model, bundle, images.to(torch.uint8), device)
     values, indices = probs.topk(top_k, dim=-1)
     return [
         Prediction(
             path,
-            flipped,
+            framed.inverted,
+            framed.blank,
             [(int(i), bundle.classes[int(i)], float(p)) for p, i in zip(vs, ix, strict=True)],
         )
-        for path, flipped, vs, ix in zip(files, inverted, values, indices, strict=True)
+        for path, framed, vs, ix in zip(files, read, values, indices, strict=True)
     ]
 
 
 def format_line(pred: Prediction) -> str:
-    """`path  お 0.981  き 0.012  す 0.003` (and `[inverted]` for dark-on-light images)."""
+    """`path  お 0.981  き 0.012  す 0.003` (and `[inverted]` for dark-on-light images,
+    `[blank]` for images without ink)."""
     shown = "  ".join(f"{char} {p:.3f}" for _, char, p in pred.top)
-    return f"{pred.path}  {shown}" + ("  [inverted]" if pred.inverted else "")
+    marks = ("  [inverted]" if pred.inverted else "") + ("  [blank]" if pred.blank else "")
+    return f"{pred.path}  {shown}{marks}"
 
 
 def write_csv(path: Path, preds: Sequence[Prediction]) -> None:
