@@ -56,6 +56,11 @@ FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "source": dict,
     "metrics": dict,
 }
+# What a bundle can hold: bundle.json is kilobytes; ResNet-50's weights for the 3832
+# Kuzushiji-Kanji classes are about 120 MB; the models read 28x28 or 64x64 images.
+MAX_JSON_BYTES = 64 * 2**20
+MAX_WEIGHT_BYTES = 2 * 2**30
+MAX_IMAGE_SIZE = 1024  # pixels per side
 GIT_TIMEOUT_S = 10  # seconds: a git that hangs (network file system) costs no more
 
 
@@ -178,37 +183,69 @@ def read_bundle(path: Path) -> Bundle:
             f"{path}: no such model bundle (make one with: python -m kmnist_sweep final "
             "sweeps/<study>)"
         )
+    raw_meta, raw_weights = _read_entries(path)
+    try:
+        meta = json.loads(raw_meta.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise UserError(
+            f"{path}: damaged model bundle ({BUNDLE_JSON}: {error_line(exc)})"
+        ) from None
+    _check_format(path, meta)
+    if raw_weights is None:
+        raise UserError(f"{path}: damaged model bundle (no {WEIGHTS})")
+    try:
+        state = torch.load(io.BytesIO(raw_weights), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors alike mean "not our weights"
+        raise UserError(f"{path}: damaged model bundle ({WEIGHTS}: {error_line(exc)})") from None
+    fields = {k: meta[k] for k in Bundle.__dataclass_fields__ if k in meta and k != "state"}
+    if meta["format_version"] == 1:
+        fields["views"] = 1
+    wrong = _wrong_fields(fields)
+    if wrong or not isinstance(state, dict):
+        what = f"{', '.join(wrong)} missing or of the wrong type" if wrong else WEIGHTS
+        raise UserError(f"{path}: damaged model bundle ({BUNDLE_JSON}: {what})")
+    return Bundle(**fields, state=state)
+
+
+def _read_entries(path: Path) -> tuple[bytes, bytes | None]:
+    """(bundle.json, weights.pt or None) as stored in the zip at `path`. Any error of the
+    zip or its compression is a UserError; so is an entry larger than a bundle holds (its
+    size is the zip's word, and reading stops there)."""
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
             if BUNDLE_JSON not in names:
                 raise UserError(f"{path}: not a kmnist_sweep model bundle (no {BUNDLE_JSON})")
-            meta = json.loads(zf.read(BUNDLE_JSON).decode("utf-8"))
-            _check_format(path, meta)
-            if WEIGHTS not in names:
-                raise UserError(f"{path}: damaged model bundle (no {WEIGHTS})")
-            raw = zf.read(WEIGHTS)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            for name, limit in ((BUNDLE_JSON, MAX_JSON_BYTES), (WEIGHTS, MAX_WEIGHT_BYTES)):
+                if name in names and zf.getinfo(name).file_size > limit:
+                    raise UserError(
+                        f"{path}: damaged model bundle ({name} is "
+                        f"{zf.getinfo(name).file_size} bytes, more than a bundle holds)"
+                    )
+            meta = zf.read(BUNDLE_JSON)
+            return meta, zf.read(WEIGHTS) if WEIGHTS in names else None
+    except UserError:
+        raise
+    except Exception as exc:  # zipfile's, zlib's, bz2's and lzma's errors alike
         raise UserError(
             f"{path}: not a kmnist_sweep model bundle ({error_line(exc, typed=False)})"
         ) from None
-    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
-        raise UserError(f"{path}: damaged model bundle ({BUNDLE_JSON}: {exc})") from None
-    try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors alike mean "not our weights"
-        raise UserError(f"{path}: damaged model bundle ({WEIGHTS}: {error_line(exc)})") from None
-    fields = {k: meta[k] for k in Bundle.__dataclass_fields__ if k in meta and k != "state"}
+
+
+def _wrong_fields(fields: dict[str, Any]) -> list[str]:
+    """The fields of bundle.json that are missing or that no bundle could hold."""
     wrong = [k for k, kind in FIELD_TYPES.items() if not isinstance(fields.get(k), kind)]
-    if meta["format_version"] == 1:
-        fields["views"] = 1
     views = fields.get("views")
     if type(views) is not int or views not in TEST_VIEW_COUNTS:  # not 5.0, not true
         wrong.append("views")
-    if wrong or not isinstance(state, dict):
-        what = f"{', '.join(wrong)} missing or of the wrong type" if wrong else WEIGHTS
-        raise UserError(f"{path}: damaged model bundle ({BUNDLE_JSON}: {what})")
-    return Bundle(**fields, state=state)
+    size, classes, config = fields.get("image_size"), fields.get("classes"), fields.get("config")
+    if "image_size" not in wrong and not (type(size) is int and 1 <= size <= MAX_IMAGE_SIZE):
+        wrong.append("image_size")
+    if isinstance(classes, list) and not all(isinstance(c, str) for c in classes):
+        wrong.append("classes")
+    if isinstance(config, dict) and not isinstance(config.get("model", {}), dict):
+        wrong.append("config")
+    return wrong
 
 
 def _check_format(path: Path, meta: Any) -> None:
@@ -231,22 +268,27 @@ def load_model(bundle: Bundle, path: Path, device: torch.device) -> nn.Module:
     and weights that do not fit each other (the model of one dataset, the characters of
     another) is a UserError naming both."""
     outputs = bundle.state.get("fc.weight")
-    n_out = None if outputs is None else int(outputs.shape[0])
+    n_out = int(outputs.shape[0]) if isinstance(outputs, torch.Tensor) and outputs.dim() else None
     if n_out != len(bundle.classes):
         raise UserError(
             f"{path}: the class map has {len(bundle.classes)} characters "
             f"({bundle.data.get('name')}) but the weights have {n_out} outputs: the bundle "
             "mixes two datasets' models; run final again"
         )
-    model_cfg = OmegaConf.create(bundle.config.get("model", {}))
-    if "pretrained" in model_cfg:
-        model_cfg.pretrained = False  # the bundle's weights replace them: fetch nothing
+    named = bundle.config.get("model", {})  # a dict: read_bundle checked it
     try:
-        model = build_model(model_cfg, len(bundle.classes))
+        model_cfg = OmegaConf.create(named)
+        if "pretrained" in model_cfg:
+            model_cfg.pretrained = False  # the bundle's weights replace them: fetch nothing
+        # Built without initialising its weights (on the meta device, then given storage):
+        # the strict load below overwrites every parameter and buffer with the bundle's.
+        with torch.device("meta"):
+            model = build_model(model_cfg, len(bundle.classes))
+        model = model.to_empty(device="cpu")
         model.load_state_dict(bundle.state)
     except Exception as exc:  # missing config keys, shapes that do not fit
         raise UserError(
             f"{path}: the weights do not fit the model the bundle names "
-            f"({model_cfg.get('arch')}, {model_cfg.get('stem')} stem): {error_line(exc)}"
+            f"({named.get('arch')}, {named.get('stem')} stem): {error_line(exc)}"
         ) from None
     return model.to(device).eval()
