@@ -47,7 +47,8 @@ def frame_character(gray: np.ndarray, size: int) -> Framed:
     pixels = 255 - gray if inverted else gray
     pixels, blank = _levels(pixels)
     top, left, side = _window(pixels)
-    return Framed(_render(pixels, top, left, side, size), inverted, blank)
+    # A blank page has no ink to be dark or light: it is not reported as inverted.
+    return Framed(_render(pixels, top, left, side, size), inverted and not blank, blank)
 
 
 def is_dark_on_light(pixels: np.ndarray) -> bool:
