@@ -95,6 +95,10 @@ class BudgetRun:
         )
         return run
 
+    def reserve(self) -> float:
+        """Seconds held back for the report and the exit."""
+        return self.budget_s - self.spent_before - (self.budget.end - self.started)
+
     def elapsed(self) -> float:
         """Seconds of the budget used so far, earlier runs included."""
         return self.spent_before + time.time() - self.started
@@ -141,7 +145,7 @@ class BudgetRun:
                 clock(self.budget_s),
                 clock(self.elapsed()),
                 clock(final),
-                clock(self.elapsed() + final + self.budget_s - (self.budget.end - self.started)),
+                clock(self.elapsed() + final + self.reserve()),
             )
 
     def search_done(self) -> int | None:
