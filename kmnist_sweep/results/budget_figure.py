@@ -20,6 +20,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from kmnist_sweep.files import write_atomic  # noqa: E402
 
+BUDGET_FIGURE = "budget.png"  # under the study's report/ folder
 COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52")  # rung 0, 1, 2, ...
 
 

@@ -114,6 +114,8 @@ def write_report(
     directory = Path(out_dir) / "report"
     directory.mkdir(parents=True, exist_ok=True)
     report = Report(directory)
+    if (directory / "budget.png").is_file():  # a budgeted sweep's (results/budget_figure.py)
+        report.sections.append(Section("Budget: trials over wall time", image="budget.png"))
     # Optuna switches pyplot to its "ggplot" style; rc_context puts the caller's style back.
     with warnings.catch_warnings(), matplotlib.rc_context():
         # Optuna marks its matplotlib plots experimental, and its axes warn when every trial

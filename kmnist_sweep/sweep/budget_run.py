@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from kmnist_sweep import trial_attrs
 from kmnist_sweep.errors import SweepStopped, error_line
-from kmnist_sweep.results.budget_figure import TrialSpan, plot_budget
+from kmnist_sweep.results.budget_figure import BUDGET_FIGURE, TrialSpan, plot_budget
 from kmnist_sweep.results.outputs import SweepSummary
 from kmnist_sweep.sweep import budgeted
 from kmnist_sweep.sweep.budget import answer_rung, final_seconds, per_epoch, per_rung, plan
@@ -55,7 +55,6 @@ NO_FINAL_FIT = (
 OUTPUTS_SHARE = 0.03  # of the budget
 OUTPUTS_MIN_S = 20.0  # seconds
 SAVE_EVERY_S = 10.0  # seconds between writes of the time spent, while trials run
-FIGURE = "report/budget.png"  # under the study's output_dir
 
 
 @dataclass
@@ -180,13 +179,14 @@ class BudgetRun:
             result = run_final(out_dir, trial=chosen.number, storage=str(self.cfg.study.storage))
             tested, bundle = result.metrics, result.bundle
         final_end = time.time()
+        figure = out_dir / "report" / BUDGET_FIGURE
+        self.figure(figure, fit_start, final_end, last=False)  # for the report's page
         try:
             report()
         except Exception as exc:
             log.warning("could not write the report: %s", error_line(exc))
         self.record = self.run_record(chosen, tested, bundle, fit_start, final_end)
-        figure = out_dir / FIGURE
-        self.figure(figure, fit_start, final_end)
+        self.figure(figure, fit_start, final_end, last=True)
         self.record["total_s"] = round(time.time() - self.started, 1)
         budgeted.record_run(self.study, self.record)
         budgeted.save_spent(self.study, self.elapsed())
@@ -232,8 +232,9 @@ class BudgetRun:
             "bundle": str(bundle),
         }
 
-    def figure(self, path: Path, fit_start: float, final_end: float) -> None:
-        """Trials over wall time by rung, the final fit and the budget line."""
+    def figure(self, path: Path, fit_start: float, final_end: float, last: bool) -> None:
+        """Trials over wall time by rung, the final fit and the budget line; drawn `last`,
+        also when the command ended."""
         spans = []
         for t in self.study.get_trials(deepcopy=False):
             if t.datetime_start is None or t.datetime_complete is None:
@@ -246,8 +247,7 @@ class BudgetRun:
             spans.append(TrialSpan(t.number, rung, start, end, t.state.name.lower()))
         offset = self.spent_before - self.started
         final = (fit_start + offset, final_end + offset)
-        # The figure is drawn last: the command ends about now.
-        ended = time.time() + offset
+        ended = time.time() + offset if last else None  # the command ends about now
         try:
             plot_budget(
                 spans, self.budget.rungs, self.budget_s, final, self.spent_before, path, ended
