@@ -68,6 +68,7 @@ def make_bundle(work: Path, epochs: int) -> Path:
         "+sweep=batchsize",
         "data=kmnist_sample",
         "trainer.epochs=0",
+        "study.pruner.max_resource=1",  # follows trainer.epochs, and must be >= 1
         "study.n_trials=1",
         "++search_space.trainer.batch_size.low=128",
         "++search_space.trainer.batch_size.high=128",
