@@ -122,6 +122,7 @@ def write_bundles(root: Path) -> None:
     """digit.png; model.zip, a real bundle of an untrained ResNet-18 for 10 classes; and two
     edited copies: model-v9.zip (format version 9) and model-mixed.zip (K49's class map)."""
     Image.fromarray(labelled_images(0, 1, 28)[0]).save(root / "digit.png")
+    Image.new("L", (60000, 2000), 255).save(root / "strip.png")  # over predict's pixel limit
     cfg = OmegaConf.create(
         {"model": {"arch": "resnet18", "stem": "imagenet", "pretrained": False}}
     )
