@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from kmnist_sweep import trial_attrs
@@ -15,6 +16,7 @@ from kmnist_sweep.config.check import check_config
 from kmnist_sweep.config.values import duration_s
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.results.bundle import read_bundle
+from kmnist_sweep.sweep import budgeted
 from kmnist_sweep.sweep.budget import (
     Seen,
     answer_rung,
@@ -26,6 +28,8 @@ from kmnist_sweep.sweep.budget import (
     plan,
     rung_epochs,
 )
+from kmnist_sweep.sweep.budgeted import Budget
+from kmnist_sweep.sweep.worker import work
 from tests.conftest import run_cli
 from tests.test_config import compose_cfg
 
@@ -230,3 +234,42 @@ def test_a_budget_ends_on_time_with_a_bundle_and_resumes_with_its_time(tmp_path:
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(study.get_trials(deepcopy=False)) == len(trials)  # no time left to search
     assert "of earlier runs" in again.stdout and f"bundle: {bundle}" in again.stdout
+
+
+def test_the_worker_loop_runs_the_plan_and_promotes_configs_as_sampled() -> None:
+    """The real worker loop, planner and Optuna study; a quick objective whose cost is its
+    epochs: new configs at the first rung, the best third again with their own params."""
+    cfg = OmegaConf.create(
+        {
+            "study": {"budget": "4s", "budget_rungs": [1, 3], "budget_keep": 3},
+            "trainer": {"epochs": 3},
+            "data": {"valid_fraction": 0.2},
+        }
+    )
+    end = time.time() + 4.0
+    budget = Budget.from_config(cfg, end)
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        epochs = int(trial.user_attrs[trial_attrs.BUDGET_EPOCHS])
+        time.sleep(0.05 * epochs)
+        return x + 0.1 * epochs
+
+    work(study, objective, 1000, heartbeat=False, poll=0.01, planner=budget.step)
+    trials = study.get_trials(deepcopy=False)
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert max(t.datetime_complete.timestamp() for t in trials if t.datetime_complete) < end
+    promoted = [t for t in trials if t.user_attrs[trial_attrs.BUDGET_RUNG] == 1]
+    assert promoted and len(promoted) < len(trials) - len(promoted)
+    for t in promoted:
+        source = trials[t.user_attrs[trial_attrs.BUDGET_SOURCE]]
+        assert t.params == source.params and source.user_attrs[trial_attrs.BUDGET_RUNG] == 0
+        assert t.user_attrs[trial_attrs.BUDGET_EPOCHS] == 3
+    first = [t for t in trials if t.user_attrs[trial_attrs.BUDGET_RUNG] == 0]
+    best_first = max(first, key=lambda t: t.value or 0.0)
+    assert best_first.number in {t.user_attrs[trial_attrs.BUDGET_SOURCE] for t in promoted}
+    answer = budgeted.answer(study, [1, 3])
+    assert answer is not None and answer.user_attrs[trial_attrs.BUDGET_RUNG] == 1
