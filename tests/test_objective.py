@@ -15,6 +15,8 @@ from kmnist_sweep.results.tracking import Tracker
 from kmnist_sweep.sweep import lr_seed
 from kmnist_sweep.sweep.objective import make_objective, suggest_params
 from kmnist_sweep.train import batch_size, lr_finder
+from tests.conftest import run_cli
+from tests.test_tracking import API_KEY, history, offline_runs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -198,3 +200,40 @@ def test_a_wandb_outage_mid_trial_leaves_the_trial_complete(
     assert calls["n"] >= 1, "the injected failure must have been hit"
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
     assert len(study.trials[0].intermediate_values) == 2
+
+
+@pytest.mark.slow
+def test_a_run_restarted_at_a_halved_batch_is_judged_on_its_own_reports(tmp_path: Path) -> None:
+    """Batch 64 runs out of memory in epoch 3, after reporting epochs 1 and 2; the run
+    restarts at 32. The study must hold the restarted run's values (wandb logs every
+    attempt's epochs, in order), and successive halving's rung 0 its epoch-1 value."""
+    out = run_cli(
+        "+sweep=batchsize",
+        "data=synthetic",
+        "trainer.epochs=3",
+        "study.n_trials=1",
+        "study.pruner.type=halving",
+        "study.report=false",
+        "++search_space.trainer.batch_size.low=64",
+        "++search_space.trainer.batch_size.high=64",
+        "++search_space.trainer.lr=null",
+        "+batch_size.inject_oom={above: 32, epoch: 3, step: 1}",
+        "tracking=offline",
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_API_KEY": API_KEY},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = optuna.load_study(
+        study_name="batchsize-synthetic",
+        storage=f"sqlite:///{tmp_path}/storage/batchsize-synthetic.db",
+    )
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    halvings = trial.user_attrs["batch_size/halvings"]
+    assert [(h["from_bs"], h["to_bs"]) for h in halvings] == [(64, 32)]
+    runs = offline_runs(tmp_path / "sweeps" / "batchsize-synthetic")
+    rows = [row for row in history(runs["trial-0"]) if "val/acc" in row]
+    assert [row["epoch"] for row in rows] == [1, 2, 1, 2, 3]  # attempt 1, then attempt 2
+    restarted = {row["epoch"]: row["val/acc"] for row in rows[2:]}
+    assert trial.intermediate_values == pytest.approx(restarted)
+    assert trial.system_attrs["completed_rung_0"] == pytest.approx(restarted[1])

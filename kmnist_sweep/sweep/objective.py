@@ -41,7 +41,8 @@ from kmnist_sweep.results import report
 from kmnist_sweep.results.batchsize import answer_text, size_answer
 from kmnist_sweep.results.report import VALID_PREDICTIONS
 from kmnist_sweep.results.tracking import Tracker
-from kmnist_sweep.sweep import budgeted, lr_seed
+from kmnist_sweep.sweep import budgeted, lr_seed, optuna_internals
+from kmnist_sweep.sweep.study import report_steps
 from kmnist_sweep.train import batch_size, engine
 from kmnist_sweep.train.noise_scale import NOISE_SCALE_KEY
 from kmnist_sweep.train.standard_error import standard_errors
@@ -241,23 +242,6 @@ def performance(result: engine.TrainResult) -> dict[str, Any]:
     }
 
 
-def report_steps(epochs: int, grid: int) -> dict[int, int]:
-    """Epoch -> the pruner step it reports at: the percent of a schedule of `epochs` done,
-    on a grid of `grid` percent. The median pruner compares trials only at a step they all
-    reported, so its grid is 10: a 12-epoch run then meets 10- and 8-epoch runs at most
-    steps. Each step goes to the epoch nearest it (the earlier on a tie); an epoch nearest
-    to no step reports nothing, so a step never holds a value from further from it than
-    needed, and none is below `grid` (the first epochs of a long run report nothing)."""
-    nearest: dict[int, int] = {}  # step -> epoch
-    for epoch in range(1, epochs + 1):
-        # The grid point nearest 100 * epoch / epochs, half up, in integers (no float ties).
-        step = max(grid, grid * ((200 * epoch + grid * epochs) // (2 * grid * epochs)))
-        distance = abs(100 * epoch - step * epochs)  # in units of 1/epochs percent
-        if step not in nearest or distance < abs(100 * nearest[step] - step * epochs):
-            nearest[step] = epoch
-    return {epoch: step for step, epoch in nearest.items()}
-
-
 class _TrialRun:
     """One trial's attempts: each at a batch size, restarted from scratch after a halving."""
 
@@ -272,25 +256,25 @@ class _TrialRun:
         self.trial = trial
         self.trial_cfg = trial_cfg
         self.factors = factors  # searched key -> multiple of the LR finder's suggestion
-        self.reported: set[int] = set()
+        self.reported: set[int] = set()  # steps stored in the study (by any attempt)
+        self.own: dict[int, float] = {}  # step -> value of the attempt running now
+        self.rungs: dict[str, Any] = {}  # the rungs it passed (successive halving, Hyperband)
+        self.restarted = False  # a halving restarted the run: the stored steps mix attempts
         self.noise_scale: list[float | None] = []  # per epoch of the latest attempt
         self.epochs = int(trial_cfg.trainer.epochs)
         # When the length of the schedule is searched, trials report at the percent of their
         # own one-cycle schedule done, so the pruner compares a 30-epoch run half-way with a
-        # 5-epoch run half-way, not with its annealed end (`report_steps`).
+        # 5-epoch run half-way, not with its annealed end (`study.report_steps`).
         self.by_fraction = any(p.name == "trainer.epochs" for p in objective.params)
         pruner = objective.cfg.study.pruner
-        grid = 10 if str(pruner.type) in STEP_PRUNERS else 1
-        self.steps = (
-            report_steps(self.epochs, grid)
-            if self.by_fraction
-            else {e: e for e in range(1, self.epochs + 1)}
-        )
-        self.warmup = int(pruner.n_warmup_steps)
+        self.steps = report_steps(pruner, objective.params, self.epochs)
+        judged_by_step = str(pruner.type) in STEP_PRUNERS
+        self.warmup = int(pruner.n_warmup_steps) if judged_by_step else 0
 
     def attempt(self, bs: int) -> engine.TrainResult:
         obj, trial = self.objective, self.trial
         self.noise_scale = []  # a halved attempt restarts from scratch
+        self.own, self.rungs = {}, {}
         run_cfg = apply_params(self.trial_cfg, {"trainer.batch_size": bs})
         for name, factor in self.factors.items():
             base, source = lr_seed.seeded_lr(trial.study, run_cfg, obj.dataset, bs)
@@ -315,12 +299,13 @@ class _TrialRun:
             return  # Optuna cannot report or prune a trial of several values: wandb has them
         if metric not in metrics:
             raise KeyError(f"study.metric={metric!r} is not one of {sorted(metrics)}")
-        # After a halving the run restarts: the first attempt's reports for these epochs
-        # stand (Optuna keeps the first value of a step anyway).
         step = self.steps.get(epoch)
         if step is None:
             return  # an epoch between two grid steps: neither reported nor judged
-        if step not in self.reported:
+        self.own[step] = metrics[metric]
+        if step in self.reported:  # restarted after a halving: this attempt's value stands
+            optuna_internals.replace_report(trial, step, metrics[metric])
+        else:
             self.reported.add(step)
             trial.report(metrics[metric], step=step)
         # By fraction, the pruner's own warm-up (in steps) is off: a trial runs
@@ -329,11 +314,19 @@ class _TrialRun:
             return
         if epoch == self.epochs:
             return  # the run is done: stopping it now would save nothing
-        if trial.should_prune():
+        if self.should_prune():
             trial.set_user_attr(trial_attrs.REASON, f"{trial_attrs.PRUNED_AT}{epoch}")
             raise optuna.TrialPruned(f"{metric}={metrics[metric]:.4f} at epoch {epoch}")
 
+    def should_prune(self) -> bool:
+        if not self.restarted:
+            return self.trial.should_prune()
+        # The dead attempt may have reported later steps than this one has reached, and
+        # should_prune() would judge the last: this attempt is judged on its own reports.
+        return optuna_internals.should_prune_on(self.trial, self.own, self.rungs)
+
     def halved(self, h: batch_size.Halving) -> None:
+        self.restarted = True
         log.warning(
             "trial %d: %s at batch %d (%s), restarting at %d",
             self.trial.number,
