@@ -16,9 +16,14 @@ from fastai.callback.core import Callback
 from omegaconf import DictConfig
 
 from kmnist_sweep.data.datasets import load_dataset
-from kmnist_sweep.sweep.objective import make_objective, report_steps
+from kmnist_sweep.sweep.objective import make_objective
 from kmnist_sweep.sweep.progress import describe_trial
-from kmnist_sweep.sweep.study import build_pruner, epochs_searched_up_to, open_sweep_study
+from kmnist_sweep.sweep.study import (
+    build_pruner,
+    epochs_searched_up_to,
+    grid_steps,
+    open_sweep_study,
+)
 from kmnist_sweep.train import batch_size, engine
 from tests.conftest import run_cli
 
@@ -240,12 +245,12 @@ def test_a_percentile_pruner_stops_only_the_bottom_of_the_jury(
 def test_each_grid_step_goes_to_the_nearest_epoch() -> None:
     """12 epochs: epochs 3 (25%) and 9 (75%) report nothing, as 4 (33%) and 10 (83%) are
     nearer to 30 and 80; a 30-epoch run reports every third epoch; exact percent off the grid."""
-    assert report_steps(12, 10) == {
+    assert grid_steps(12, 10) == {
         1: 10, 2: 20, 4: 30, 5: 40, 6: 50, 7: 60, 8: 70, 10: 80, 11: 90, 12: 100
     }  # fmt: skip
-    assert report_steps(30, 10) == {3 * k: 10 * k for k in range(1, 11)}
-    assert report_steps(2, 10) == {1: 50, 2: 100}
-    assert report_steps(7, 1) == {1: 14, 2: 29, 3: 43, 4: 57, 5: 71, 6: 86, 7: 100}
+    assert grid_steps(30, 10) == {3 * k: 10 * k for k in range(1, 11)}
+    assert grid_steps(2, 10) == {1: 50, 2: 100}
+    assert grid_steps(7, 1) == {1: 14, 2: 29, 3: 43, 4: 57, 5: 71, 6: 86, 7: 100}
 
 
 def test_the_budget_follows_the_searched_epochs() -> None:
@@ -260,6 +265,34 @@ def test_the_budget_follows_the_searched_epochs() -> None:
     assert searched._max_resource == 100 and searched._min_resource == 4  # percent
     assert isinstance(fixed, optuna.pruners.HyperbandPruner)
     assert fixed._max_resource == 10  # epochs, trainer.epochs when nothing is searched
+
+
+@pytest.mark.slow
+def test_successive_halving_meets_trials_at_the_same_share_of_their_schedules(
+    tmp_path: Path,
+) -> None:
+    """Schedules of 2, 3 and 4 epochs (a grid): each trial enters rung 0 with its value at
+    half its schedule (epoch 1 of 2, 2 of 3 — the nearest, 2 of 4), never with the value of
+    a report further on; and they report nowhere else before their end."""
+    args = ["+sweep=epochs", "data=synthetic", "data.n_train=256", "data.image_size=16"]
+    args += ["study.pruner.type=halving"]
+    args += ["study.sampler.type=grid", "study.n_trials=3", "study.report=false"]
+    args += ["++search_space.trainer.epochs.low=2", "++search_space.trainer.epochs.high=4"]
+    out = run_cli(*args, "tracking=disabled", "study.workers=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = optuna.load_study(
+        study_name="epochs-synthetic", storage=f"sqlite:///{tmp_path}/storage/epochs-synthetic.db"
+    )
+    assert sorted(t.params["trainer.epochs"] for t in study.trials) == [2, 3, 4]
+    for t in study.trials:
+        assert set(t.intermediate_values) <= {50, 100} and 50 in t.intermediate_values, t.number
+        assert t.system_attrs["completed_rung_0"] == t.intermediate_values[50], t.number
+    # A schedule of one epoch has no share before its end: no rung to meet at.
+    short = run_cli("+sweep=full", "data=synthetic", "study.pruner.type=halving", cwd=tmp_path)
+    assert short.returncode == 2 and short.stderr.strip().endswith(
+        "search_space.trainer.epochs starts at 1: a schedule that short has no share but its "
+        "end; search epochs from 2, or use the median pruner"
+    ), short.stderr
 
 
 # That a batch-size sweep stores no test metric is checked on test_cli's sweep

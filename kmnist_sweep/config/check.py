@@ -42,7 +42,7 @@ def check_config(cfg: DictConfig) -> list[Param]:
         if value is not _ABSENT:
             rule.check(key, value)
     check_batch_sizes(cfg, searched.get("trainer.batch_size"))
-    check_pruner(cfg.study.pruner)
+    check_pruner(cfg.study.pruner, searched.get("trainer.epochs"))
     check_start(cfg.study)
     check_objectives(cfg)
     check_budget(cfg.study)
@@ -92,10 +92,21 @@ def check_batch_sizes(cfg: DictConfig, searched: Param | None) -> None:
             )
 
 
-def check_pruner(pruner_cfg: DictConfig) -> None:
+def check_pruner(pruner_cfg: DictConfig, epochs: Param | None) -> None:
+    kind = str(pruner_cfg.type)
+    # With searched epochs, successive halving and Hyperband meet trials at the same share
+    # of their schedules (their rungs), and a schedule of one epoch has no share but its end.
+    shortest = None if epochs is None else min(epochs.choices or [epochs.low])
+    if kind in ("halving", "hyperband") and shortest is not None and shortest < 2:
+        raise ConfigError(
+            f"study.pruner.type={kind} compares trials at the same share of their "
+            f"schedules, and search_space.trainer.epochs starts at {shortest:g}: a schedule "
+            "that short has no share but its end; search epochs from 2, or use the median "
+            "pruner"
+        )
     # The schema bounds each key; Hyperband's two resources must also be in order.
     min_resource, max_resource = int(pruner_cfg.min_resource), int(pruner_cfg.max_resource)
-    if str(pruner_cfg.type) == "hyperband" and max_resource < min_resource:
+    if kind == "hyperband" and max_resource < min_resource:
         raise ConfigError(
             f"study.pruner.max_resource={max_resource} (epochs) is below "
             f"min_resource={min_resource}"

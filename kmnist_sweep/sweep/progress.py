@@ -95,7 +95,7 @@ def describe_trial(t: FrozenTrial, metrics: Sequence[str]) -> str:
 
 def pruned_where(t: FrozenTrial, step: int) -> str:
     """`epoch 4 (40% of its schedule)` when epochs are searched (the pruner's steps are then
-    percents of each trial's schedule, `objective.report_steps`), else `epoch 4`."""
+    percents of each trial's schedule, `study.report_steps`), else `epoch 4`."""
     reason = str(t.user_attrs.get(trial_attrs.REASON, ""))
     epoch = reason.removeprefix(trial_attrs.PRUNED_AT)
     if epoch == reason or not epoch.isdigit() or int(epoch) == step:

@@ -90,16 +90,17 @@ def grid_space(params: Sequence[Param]) -> dict[str, list[Any]]:
 
 
 def build_pruner(
-    pruner_cfg: DictConfig, longest_epochs: int | None = None
+    pruner_cfg: DictConfig, longest_epochs: int | None = None, shortest_epochs: int | None = None
 ) -> optuna.pruners.BasePruner:
     """The pruner named by `study.pruner.type`; its resource is the epoch.
 
-    When the number of epochs is searched (up to `longest_epochs`), trials report at
-    the percent of their own schedule done (sweep/objective.py; on a 10% grid for the
-    median and percentile pruners, which compare trials only at a step they share), and
-    the resource is that percent: Hyperband's budget is the whole schedule (100) whatever
-    its length, min_resource the same share of the longest schedule, and the median and
-    percentile pruners' warm-up is counted in each trial's own epochs by the objective."""
+    When the number of epochs is searched (`shortest_epochs` to `longest_epochs`), trials
+    report at the percent of their own schedule done (sweep/objective.py; on a 10% grid
+    for the median and percentile pruners, which compare trials only at a step they share;
+    at the rungs of `rung_percents` for successive halving and Hyperband), and the resource
+    is that percent: Hyperband's budget is the whole schedule (100) whatever its length,
+    and the median and percentile pruners' warm-up is counted in each trial's own epochs
+    by the objective."""
     kind = str(pruner_cfg.type)
     by_fraction = longest_epochs is not None
     if kind == "none":
@@ -121,7 +122,7 @@ def build_pruner(
     min_resource = int(pruner_cfg.min_resource)
     reduction = int(pruner_cfg.reduction_factor)
     if longest_epochs is not None:
-        min_resource = max(1, math.ceil(100 * min_resource / max(longest_epochs, 1)))
+        min_resource = first_rung(min_resource, shortest_epochs, longest_epochs)
     if kind == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(
             min_resource=min_resource, reduction_factor=reduction
@@ -132,6 +133,74 @@ def build_pruner(
             min_resource=min_resource, max_resource=max_resource, reduction_factor=reduction
         )
     raise ValueError(f"study.pruner.type={kind!r} passed the config check")
+
+
+def first_rung(min_resource: int, shortest_epochs: int | None, longest_epochs: int) -> int:
+    """The first rung, in percent of a schedule, when epochs are searched: `min_resource`
+    epochs of the longest schedule, but not before the first epoch of the shortest (when
+    known), so that every trial has a report within half an epoch of every rung."""
+    share = math.ceil(100 * min_resource / max(longest_epochs, 1))
+    first = 0 if shortest_epochs is None else math.ceil(100 / max(shortest_epochs, 1))
+    return max(1, share, first)
+
+
+def rung_percents(pruner_cfg: DictConfig, params: Sequence[Param]) -> list[int] | None:
+    """Successive halving and Hyperband with searched epochs: the percents of a schedule
+    (below 100) at which trials meet, one per rung; None for other pruners or fixed epochs.
+    The objective reports there, so a 2-epoch and a 30-epoch trial enter a rung at the same
+    share of their schedules (Optuna records a rung at the first report at or above it)."""
+    span = epochs_searched(params)
+    if str(pruner_cfg.type) not in ("halving", "hyperband") or span is None:
+        return None
+    rung = first_rung(int(pruner_cfg.min_resource), *span)
+    rungs = []
+    while rung < 100:
+        rungs.append(rung)
+        rung *= int(pruner_cfg.reduction_factor)
+    return rungs
+
+
+def report_steps(pruner_cfg: DictConfig, params: Sequence[Param], epochs: int) -> dict[int, int]:
+    """Epoch -> the pruner step a trial of `epochs` epochs reports at (an epoch missing
+    reports nothing): the epoch itself, or with searched epochs a percent of the schedule
+    (`rung_steps` for successive halving and Hyperband, `grid_steps` for the others)."""
+    rungs = rung_percents(pruner_cfg, params)
+    if rungs is not None:
+        return rung_steps(epochs, rungs)
+    if epochs_searched(params) is not None:
+        return grid_steps(epochs, 10 if str(pruner_cfg.type) in STEP_PRUNERS else 1)
+    return {e: e for e in range(1, epochs + 1)}
+
+
+def grid_steps(epochs: int, grid: int) -> dict[int, int]:
+    """Epoch -> the pruner step it reports at: the percent of a schedule of `epochs` done,
+    on a grid of `grid` percent. The median pruner compares trials only at a step they all
+    reported, so its grid is 10: a 12-epoch run then meets 10- and 8-epoch runs at most
+    steps. Each step goes to the epoch nearest it (the earlier on a tie); an epoch nearest
+    to no step reports nothing, so a step never holds a value from further from it than
+    needed, and none is below `grid` (the first epochs of a long run report nothing)."""
+    nearest: dict[int, int] = {}  # step -> epoch
+    for epoch in range(1, epochs + 1):
+        # The grid point nearest 100 * epoch / epochs, half up, in integers (no float ties).
+        step = max(grid, grid * ((200 * epoch + grid * epochs) // (2 * grid * epochs)))
+        distance = abs(100 * epoch - step * epochs)  # in units of 1/epochs percent
+        if step not in nearest or distance < abs(100 * nearest[step] - step * epochs):
+            nearest[step] = epoch
+    return {epoch: step for step, epoch in nearest.items()}
+
+
+def rung_steps(epochs: int, rungs: list[int]) -> dict[int, int]:
+    """Epoch -> step for successive halving and Hyperband by fraction: each rung (a percent
+    of the schedule) at the epoch nearest it, the last epoch at 100. Optuna enters a trial in
+    every rung at or below the step it reports, so two rungs nearest one epoch share it."""
+    steps = {}
+    for rung in rungs:  # ascending: the later rung of two at one epoch stands
+        epoch = max(1, (2 * rung * epochs + 100) // 200)  # nearest, half up, in integers
+        if epoch < epochs:
+            steps[epoch] = rung
+    if epochs > 0:
+        steps[epochs] = 100
+    return steps
 
 
 def create_or_load_study(
@@ -223,7 +292,8 @@ def open_sweep_study(
     """The study a sweep's worker `worker` runs: its sampler (seeded per worker) and pruner
     are built first, so a bad sampler or pruner setting stops before the storage is opened."""
     sampler = build_sampler(study_cfg.sampler, params, worker, constraint)
-    pruner = build_pruner(study_cfg.pruner, epochs_searched_up_to(params))
+    shortest, longest = epochs_searched(params) or (None, None)
+    pruner = build_pruner(study_cfg.pruner, longest, shortest)
     storage = open_study_storage(study_cfg)
     return create_or_load_study(study_cfg, storage, sampler, pruner, search_space=search_space)
 
@@ -295,9 +365,17 @@ def _inside(p: Param, value: Any) -> Any:
 
 def epochs_searched_up_to(params: Sequence[Param]) -> int | None:
     """The longest schedule a search space asks for, when it searches trainer.epochs."""
+    span = epochs_searched(params)
+    return None if span is None else span[1]
+
+
+def epochs_searched(params: Sequence[Param]) -> tuple[int, int] | None:
+    """(shortest, longest) schedule a search space asks for, when it searches trainer.epochs."""
     for p in params:
         if p.name == "trainer.epochs":
-            return int(max(p.choices) if p.type == "categorical" else p.high)
+            if p.type == "categorical":
+                return int(min(p.choices)), int(max(p.choices))
+            return int(p.low), int(p.high)
     return None
 
 
