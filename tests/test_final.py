@@ -216,3 +216,20 @@ def test_a_bundle_reads_back_and_damaged_ones_are_one_line(tmp_path: Path) -> No
             read_bundle(variant(name, entries))
         message = str(info.value)
         assert "\n" not in message and message.startswith(f"{tmp_path / name}: {words}"), message
+
+
+@pytest.mark.slow
+def test_a_rerun_without_a_complete_trial_leaves_no_stale_best_yaml(tmp_path: Path) -> None:
+    """A study under the same name in a new storage, whose every trial fails: the first
+    study's best.yaml goes, so `final` says so instead of training its trial on this config."""
+    made = cli(*TOY_STUDY, cwd=tmp_path)
+    assert made.returncode == 0 and (tmp_path / "sweeps/lr-synthetic/best.yaml").is_file()
+    again = [*TOY_STUDY, "study.storage=sqlite:///storage/again.db"]
+    failing = cli(*again, "+toy.raise_trials=all", "study.max_failed=2", cwd=tmp_path)
+    assert failing.returncode == 1, failing.stderr[-3000:]
+    assert not (tmp_path / "sweeps/lr-synthetic/best.yaml").exists()
+    final = cli("final", "sweeps/lr-synthetic", cwd=tmp_path)
+    assert final.returncode == 2 and final.stderr.strip() == (
+        "kmnist_sweep: error: sweeps/lr-synthetic/best.yaml: missing (the best trial; no trial "
+        "has completed yet?)"
+    ), final.stderr[-3000:]

@@ -156,15 +156,25 @@ def write_results(
     multi = is_multi_objective(study)
     names = metric_names(study) if multi else None
     write_atomic(out_dir / "trials.csv", trials_csv(trials, names))
+    if chosen is None and remove_stale_best(study, out_dir):
+        return
     if multi:
         front = pareto_front(study)
-        if front:
-            write_atomic(out_dir / "best.yaml", front_yaml(study, cfg, front, base_overrides))
+        write_atomic(out_dir / "best.yaml", front_yaml(study, cfg, front, base_overrides))
         return
     best = _best_trial(study) if chosen is None else study.trials[chosen]
     if best is None:
         return
     write_atomic(out_dir / "best.yaml", best_yaml(study, cfg, best, base_overrides))
+
+
+def remove_stale_best(study: optuna.Study, out_dir: Path) -> bool:
+    """Remove best.yaml when the study has no complete trial (True): the file would be an
+    earlier study's under the same name, and `final` would train its trial on this config."""
+    if pareto_front(study) if is_multi_objective(study) else _best_trial(study):
+        return False
+    (out_dir / "best.yaml").unlink(missing_ok=True)
+    return True
 
 
 def trials_csv(trials: Sequence[FrozenTrial], metrics: Sequence[str] | None = None) -> str:

@@ -31,6 +31,7 @@ from kmnist_sweep.masking import mask_url, scrub
 from kmnist_sweep.results.outputs import (
     SweepSummary,
     hydra_base_overrides,
+    remove_stale_best,
     resolved_config,
     summarize,
     write_results,
@@ -112,6 +113,7 @@ def run_sweep(
     write_atomic(
         plan.out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(scrub(plan.resolved)))
     )
+    remove_stale_best(study, plan.out_dir)  # even if this run is killed before its end
     if cfg.study.get("start_from_defaults"):
         start_from_defaults(study, plan.params, cfg)
     plan.objective.prepare(study)
