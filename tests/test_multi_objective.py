@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from kmnist_sweep.errors import ConfigError
+from kmnist_sweep.results.bundle import read_bundle
 from kmnist_sweep.sweep import local
 from kmnist_sweep.sweep.runner import run_sweep
 from kmnist_sweep.sweep.storage import open_storage
@@ -79,6 +80,25 @@ def test_a_multi_objective_full_sweep_shows_its_pareto_front(tmp_path: Path) -> 
         assert set(entry["values"]) == {"val/acc", "speed/train_s"}
         assert entry["command"].startswith("python -m kmnist_sweep ")
         assert any(o.startswith("trainer.batch_size=") for o in entry["overrides"])
+
+    # `final`: a front has no one best trial, so --trial picks one; the bundle records the
+    # study's metrics and directions and the trial's values.
+    refused = cli("final", "sweeps/full-synthetic", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        "kmnist_sweep: error: sweeps/full-synthetic/best.yaml: the Pareto front of a "
+        f"multi-objective study (trials {', '.join(map(str, front))}): pick one with --trial N"
+    ), refused.stderr[-3000:]
+    made = cli(
+        "final", "sweeps/full-synthetic", "--trial", str(front[0]), "--out", "m.zip",
+        "data.n_test=32", cwd=tmp_path,
+    )  # fmt: skip
+    assert made.returncode == 0 and "Traceback" not in made.stderr, made.stderr[-3000:]
+    source = read_bundle(tmp_path / "m.zip").source
+    assert source["trial"] == front[0]
+    assert source["metrics"] == ["val/acc", "speed/train_s"]
+    assert source["directions"] == ["maximize", "minimize"]
+    values = study.trials[front[0]].values
+    assert source["values"] == dict(zip(source["metrics"], values, strict=True))
 
     # The report opens with the front: a PNG, then a table naming both metrics.
     page = (out / "report" / "report.html").read_text()

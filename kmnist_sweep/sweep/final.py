@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from kmnist_sweep.config.check import check_config
+from kmnist_sweep.config.check import check_config, objectives
 from kmnist_sweep.config.device import pick_device
 from kmnist_sweep.config.search_space import apply_params
 from kmnist_sweep.data.datasets import load_dataset
@@ -58,7 +58,8 @@ class FinalResult:
 class Chosen:
     number: int
     values: dict[str, Any]  # dotted config key -> the value the trial ran with
-    value: float | None  # its validation metric
+    value: float | None  # its validation metric (None for several objectives)
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)  # metric -> its value
 
 
 def run_final(
@@ -119,13 +120,7 @@ def run_final(
         data_name=dataset.name,
         note=dataset.note,
         files=dataset.files,
-        source={
-            "study": study,
-            "trial": chosen.number,
-            "metric": str(cfg.study.metric),
-            "value": chosen.value,
-            "fit": "train+valid",
-        },
+        source={"study": study, "trial": chosen.number, **study_metrics(cfg, chosen)},
     )
     # Tested through the bundle's own path (fresh model, fp32, eval mode), the one predict
     # takes, so the number stored is the saved weights' number.
@@ -133,6 +128,20 @@ def run_final(
     metrics = evaluate(load_model(bundle, out, device), bundle, dataset.test, device)
     write_bundle(out, bundle.with_metrics(metrics))
     return FinalResult(out, metrics, dataset.metric, dataset.note, study, chosen.number, seconds)
+
+
+def study_metrics(cfg: DictConfig, chosen: Chosen) -> dict[str, Any]:
+    """What the study optimised and the trial scored, for the bundle: one metric and its
+    value, or a multi-objective study's metrics, directions and the trial's values."""
+    pairs = objectives(cfg.study)
+    if len(pairs) == 1:
+        return {"metric": pairs[0][0], "value": chosen.value, "fit": "train+valid"}
+    return {
+        "metrics": [m for m, _ in pairs],
+        "directions": [d for _, d in pairs],
+        "values": chosen.scores,
+        "fit": "train+valid",
+    }
 
 
 class _StepBar(Callback):
@@ -163,6 +172,13 @@ def read_study_config(study_dir: Path) -> DictConfig:
 
 def best_trial(study_dir: Path) -> Chosen:
     found = _read_yaml(study_dir / "best.yaml", "the best trial; no trial has completed yet?")
+    if isinstance(found, dict) and isinstance(found.get("pareto_front"), list):
+        # Several objectives have no one best trial: which trade-off to ship is the user's.
+        front = [str(t.get("trial")) for t in found["pareto_front"] if isinstance(t, dict)]
+        raise UserError(
+            f"{study_dir / 'best.yaml'}: the Pareto front of a multi-objective study "
+            f"(trials {', '.join(front)}): pick one with --trial N"
+        )
     if not isinstance(found, dict) or not isinstance(found.get("trial"), int):
         raise UserError(f"{study_dir / 'best.yaml'}: no trial number in it")
     params = found.get("params") or {}
@@ -206,6 +222,10 @@ def study_trial(cfg: DictConfig, number: int, storage: str | None) -> Chosen:
             f"--trial {number} of study {name!r} is {chosen.state.name.lower()}: final "
             f"retrains complete trials ({', '.join(map(str, complete)) or 'none yet'})"
         )
+    if len(study.directions) > 1:
+        metrics = [m for m, _ in objectives(cfg.study)]
+        scores = dict(zip(metrics, chosen.values, strict=True))
+        return Chosen(number, trial_values(chosen), None, scores)
     return Chosen(number, trial_values(chosen), chosen.value)
 
 
