@@ -13,6 +13,8 @@ from typing import Any
 # ---------------------------------------------------------------- written by the worker loop
 
 WORKER = "worker"  # index of the worker process that ran the trial (str)
+STARTED = "started"  # the trial's own number, once its first heartbeat is stored: a retry
+# inherits the attributes of the trial it retries, this one tells whether it started itself
 PROCESS = "process"  # host:pid of that process: its launcher fails the trial if it dies
 SURPLUS = "surplus"  # True: started after the study was full, failed on purpose
 STORAGE_ERROR = "storage_error"  # why the storage lost the trial (one line)

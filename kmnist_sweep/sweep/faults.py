@@ -117,11 +117,16 @@ def _send_again(signum: int) -> None:
         os.kill(os.getpid(), signum)
 
 
+class TrialTakenOver(Exception):
+    """A running trial that another worker failed as stale: its retry replaces it."""
+
+
 @contextmanager
 def quiet_expected_tracebacks() -> Iterator[None]:
     """One line, not a traceback, for faults the runner handles: Optuna's heartbeat thread
-    dying with the storage (its trial is retried once stale), and a trial failed by Ctrl-C
-    or SIGTERM. A trial failing with its own error keeps its traceback: that is a bug."""
+    dying with the storage (its trial is retried once stale), a trial failed by Ctrl-C or
+    SIGTERM, and one failed as stale while it ran. A trial failing with its own error keeps
+    its traceback: that is a bug."""
     previous = threading.excepthook
 
     def hook(args: threading.ExceptHookArgs) -> None:
@@ -131,7 +136,7 @@ def quiet_expected_tracebacks() -> Iterator[None]:
             previous(args)
 
     def no_interrupt_traceback(record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt | TrialTakenOver):
             record.exc_info = None
         return True
 

@@ -30,6 +30,7 @@ from kmnist_sweep.sweep import budgeted, optuna_internals
 from kmnist_sweep.sweep.faults import (
     STORAGE_PATIENCE_S,
     Outage,
+    TrialTakenOver,
     check_failures,
     in_trial,
     quiet_expected_tracebacks,
@@ -94,14 +95,19 @@ def work(
             if _taken_before(study, trial.number, since, heartbeat) >= n_trials:
                 trial.set_user_attr(trial_attrs.SURPLUS, True)
                 raise _Surplus(f"study already holds {n_trials} finished or running trials")
-            if heartbeat:  # before `worker`: see _fail_unstarted
+            if heartbeat:  # before `started`: see _fail_unstarted
                 optuna_internals.record_heartbeat(study, trial)
+            trial.set_user_attr(trial_attrs.STARTED, trial.number)
             trial.set_user_attr(trial_attrs.PROCESS, process_tag(os.getpid()))
             trial.set_user_attr(trial_attrs.WORKER, os.environ.get("KMNIST_SWEEP_WORKER", "0"))
             with in_trial():
                 return objective(trial)
         except (optuna.TrialPruned, _Surplus):
             raise
+        except optuna.exceptions.UpdateFinishedTrialError as exc:
+            # Failed as stale by another worker while this one ran it (a process paused past
+            # the grace period, a heartbeat thread that died): its retry stands in for it.
+            raise TrialTakenOver(f"trial {trial.number}: {error_line(exc)}") from None
         except STORAGE_ERRORS as exc:
             with suppress(*STORAGE_ERRORS):  # back already? then say why it failed
                 trial.set_user_attr(trial_attrs.STORAGE_ERROR, error_line(exc))
@@ -292,22 +298,22 @@ def _fail_stale(study: optuna.Study) -> None:
 def _fail_unstarted(study: optuna.Study) -> None:
     """Fail RUNNING trials that never reached the objective and whose worker is gone.
 
-    Optuna only fails a trial whose heartbeat went stale; one whose worker lost the storage
-    between creating it and its first heartbeat has none and would stay RUNNING (and hold a
-    slot) for ever. Ours record a heartbeat and then the `worker` attribute before the
-    objective starts, so a trial without that attribute after a grace period is such a one."""
+    Optuna only fails a trial whose heartbeat went stale; one whose worker died or lost the
+    storage between creating it and its first heartbeat has none and would stay RUNNING
+    (and hold a slot) for ever. Ours record a heartbeat and then `started` (their own
+    number: a retry inherits the attributes of the trial it retries) before the objective
+    starts, so a trial without it after a grace period is such a one: failed and queued
+    again, as a stale heartbeat would be."""
     storage = optuna_internals.storage_of(study)
     if not heartbeat_enabled(storage):
         return
     grace = optuna_internals.grace_period(storage)
     cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if (
-            trial_attrs.WORKER not in t.user_attrs
-            and t.datetime_start
-            and t.datetime_start < cutoff
-        ):
-            _fail_lost(study, t, "never started")
+        started = t.user_attrs.get(trial_attrs.STARTED) == t.number
+        if not started and t.datetime_start and t.datetime_start < cutoff:
+            optuna_internals.set_trial_attr(study, t, trial_attrs.STORAGE_ERROR, "never started")
+            optuna_internals.fail_and_retry(study, t)
 
 
 def fault_limits(study_cfg: DictConfig) -> dict[str, Any]:

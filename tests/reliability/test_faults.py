@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -163,7 +164,7 @@ def test_sigkill_of_a_worker_mid_trial_is_retried(tmp_path: Path) -> None:
     study = load(url, NAME)
     assert_consistent(study, n)
     trials = {t.number: t for t in study.trials}
-    # No worker is ever restarted under the same index: its one failed trial is the victim.
+    # Its one failed trial is the victim (a replacement under its index runs others).
     failed = [
         t.number
         for t in trials.values()
@@ -171,10 +172,86 @@ def test_sigkill_of_a_worker_mid_trial_is_retried(tmp_path: Path) -> None:
     ]
     assert len(failed) == 1, (killed, {t.number: t.state.name for t in trials.values()})
     victim = failed[0]
-    assert not {"error", "interrupted", "surplus"} & set(trials[victim].user_attrs)
+    assert not {"error", "surplus"} & set(trials[victim].user_attrs)
+    assert trials[victim].user_attrs.get("interrupted") in (None, "SIGKILL")  # as its launcher saw
     retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == victim]
     assert len(retries) == 1 and retries[0].params == trials[victim].params
     record("SIGKILL of a worker", study, killed_trial=victim)
+
+
+def test_a_worker_paused_past_the_grace_period_goes_on(tmp_path: Path) -> None:
+    """A worker stopped mid-trial for longer than the grace period (a loaded machine, a
+    heartbeat thread that died): another worker fails its trial as stale and queues it
+    again. Resumed, the worker finds its trial failed, drops it and takes the next one."""
+    n = 8
+    sweep = Sweep(toy_args(f"study.n_trials={n}", "study.workers=2", sleep=0.3), tmp_path)
+    url = sqlite(tmp_path)
+    wait_until(finished_at_least(url, NAME, 2), 180, "2 finished trials", sweep)
+    paused = None
+    while paused is None:
+        for t in load(url, NAME).trials:
+            worker = t.user_attrs.get("worker")
+            if t.state != TrialState.RUNNING or not t.intermediate_values or worker is None:
+                continue
+            pid = _worker_pid(sweep, str(worker))
+            if pid is not None:
+                os.kill(pid, signal.SIGSTOP)
+                paused = (str(worker), pid)
+                break
+        time.sleep(0.05)
+    index, pid = paused
+    try:
+        [victim] = [  # read once it is stopped: the trial it holds now
+            t.number
+            for t in load(url, NAME).trials
+            if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == index
+        ]
+        failed = lambda: load(url, NAME).trials[victim].state == TrialState.FAIL  # noqa: E731
+        wait_until(failed, 60, f"trial {victim} failed as stale", sweep)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert sweep.wait() == 0, sweep.stderr
+    study = load(url, NAME)
+    assert_consistent(study, n)
+    trials = study.trials
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim]
+    assert len(retries) == 1 and retries[0].params == trials[victim].params
+    log = (tmp_path / "sweeps" / NAME / "logs" / f"worker-{index}.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    # The same process went on to the end: never replaced, and it says it is done.
+    assert log.count("joins study") == 1 and f"worker {index} done" in log, log[-3000:]
+    no_traceback(sweep)
+    record("worker paused past the grace period", study, stale_trial=victim)
+
+
+def test_a_retry_whose_worker_died_before_its_first_heartbeat_is_retried(tmp_path: Path) -> None:
+    """A retry carries the attributes of the trial it retries. Its worker took it from the
+    queue and died before its first heartbeat: no heartbeat goes stale, so the stale check
+    must still fail it after the grace period and queue it again, or it holds a slot for
+    ever and the sweep never ends."""
+    assert run(toy_args("study.n_trials=2"), tmp_path).proc.returncode == 0
+    study = load(sqlite(tmp_path), NAME)
+    done = study.trials[0]
+    study.add_trial(  # as Optuna's retry callback queues a retry of trial 0
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=done.params,
+            distributions=done.distributions,
+            user_attrs=done.user_attrs,
+            system_attrs={"failed_trial": 0, "retry_history": [0]},
+        )
+    )
+    taken = study.ask()  # a worker takes it, then dies: nothing more is written
+    sweep = Sweep(toy_args("study.n_trials=3"), tmp_path)
+    assert sweep.wait(timeout=120) == 0, sweep.stderr
+    study = load(sqlite(tmp_path), NAME)
+    assert_consistent(study, 3)
+    lost = study.trials[taken.number]
+    assert lost.state == TrialState.FAIL and lost.user_attrs["storage_error"] == "never started"
+    # Optuna names the first trial of a retry chain as `failed_trial`, then each it retried.
+    retries = [t for t in study.trials if t.system_attrs.get("retry_history") == [0, lost.number]]
+    assert len(retries) == 1 and retries[0].params == done.params
+    no_traceback(sweep)
 
 
 def _worker_pid(sweep: Sweep, index: str) -> int | None:
