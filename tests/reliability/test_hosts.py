@@ -25,11 +25,12 @@ from tests.reliability.harness import (
     wait_until,
 )
 
+MISSING = hosts_lib.missing()
 pytestmark = [
     pytest.mark.hosts,
     pytest.mark.reliability,
     pytest.mark.slow,
-    pytest.mark.skipif(hosts_lib.missing() is not None, reason=str(hosts_lib.missing())),
+    pytest.mark.skipif(MISSING is not None, reason=str(MISSING)),
 ]
 
 OUTAGE_S = 30

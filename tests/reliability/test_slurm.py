@@ -46,12 +46,13 @@ def _slurm_missing() -> str | None:
     return None
 
 
+MISSING = _slurm_missing()
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.postgres,
     pytest.mark.reliability,
     pytest.mark.slow,
-    pytest.mark.skipif(_slurm_missing() is not None, reason=str(_slurm_missing())),
+    pytest.mark.skipif(MISSING is not None, reason=str(MISSING)),
 ]
 
 
