@@ -38,7 +38,10 @@ from tests.reliability.harness import (
 def _slurm_missing() -> str | None:
     if shutil.which("sbatch") is None:
         return "no sbatch here: `bash .ci/slurm` installs and starts a single-node SLURM (root)"
-    up = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    try:
+        up = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    except OSError:
+        return "sbatch but no sinfo here: install slurm-client"
     if up.returncode != 0 or not up.stdout.strip():
         return "SLURM is not running: `bash .ci/slurm` starts it (root)"
     if not PG_URL:
