@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,3 +62,34 @@ def test_a_cpu_learner_keeps_freed_memory_instead_of_faulting_it_in_again() -> N
     pages = 3 * 16 * 2**20 // 4096
     assert before >= pages * 0.9  # handed back and faulted in page by page
     assert after < pages * 0.01  # reused where it lay
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.system() != "Linux", reason="peak RSS reset through /proc")
+def test_a_trials_peak_memory_on_a_cpu_is_its_own(tmp_path: Path) -> None:
+    """memory/peak_mb of a ResNet-18 trial run after a ResNet-50 trial in the same worker,
+    and of the same trial run alone in a fresh process: the heap the large trial freed and
+    the allocator kept must not count towards the small trial's peak (it did: the ResNet-18
+    trial reported the ResNet-50 trial's peak)."""
+    from tests.conftest import run_cli
+
+    def sweep(name: str, archs: str) -> list[tuple[str, float]]:
+        space = f"{{model.arch: {{type: categorical, choices: {archs}}}}}"
+        args = ["data=synthetic", "data.n_train=1152", "trainer.epochs=1", "trainer.threads=1"]
+        args += ["trainer.batch_size=256", "batch_size.diverge_factor=1000"]  # no halving
+        args += [f"+search_space={space}", f"study.name={name}", "study.sampler.type=grid"]
+        args += [f"study.n_trials={archs.count(',') + 1}", "study.sampler.seed=1"]
+        args += ["study.pruner.type=none", "study.report=false", "tracking=disabled"]
+        out = run_cli(*args, "study.workers=1", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        url = f"sqlite:///{tmp_path}/storage/{name}.db"
+        trials = optuna.load_study(study_name=name, storage=url).trials
+        return [(t.params["model.arch"], t.user_attrs["memory/peak_mb"]) for t in trials]
+
+    (big, big_mb), (small, after_big_mb) = sweep("after-big", "[resnet50, resnet18]")
+    assert (big, small) == ("resnet50", "resnet18")  # the grid's order for this seed
+    [(_, alone_mb)] = sweep("alone", "[resnet18]")
+    assert big_mb > 1.2 * alone_mb, (big_mb, alone_mb)  # the large model does need more
+    # Nearer its own peak than the large trial's (the allocator's caches of the large model
+    # stay with the process; what the large trial freed does not count).
+    assert after_big_mb - alone_mb < 0.5 * (big_mb - alone_mb), (big_mb, after_big_mb, alone_mb)

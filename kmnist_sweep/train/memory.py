@@ -1,6 +1,7 @@
 """Host memory of a training run: its peak (CUDA's allocator peak on a GPU, the process's
-peak resident set, VmHWM, on a CPU), reset at the start of a run so each trial and each
-attempt after a halving reports its own; and the C allocator's settings for CPU training.
+peak resident set, VmHWM, on a CPU), reset at the start of a run (after handing back what
+earlier runs freed) so each trial and each attempt after a halving reports its own; and the
+C allocator's settings for CPU training.
 
     keep_freed_host_memory(); reset_peak(device); ...; peak_bytes(device)
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import platform
 import resource
 from pathlib import Path
@@ -30,10 +32,15 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 @functools.cache  # once per process: platform.libc_ver() reads the Python executable
+def _glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@functools.cache
 def keep_freed_host_memory() -> bool:
     """Fix glibc's malloc thresholds for this process. False, and nothing changed, where
     the C library is not glibc (macOS, musl)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return False
     mallopt = ctypes.CDLL(None).mallopt
     # Both at once: setting either one stops glibc adapting the other, and a fixed mmap
@@ -47,6 +54,12 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    # What earlier runs of this process freed is still resident (keep_freed_host_memory),
+    # and the peak would start from it: collect their Learners (reference cycles) and hand
+    # the freed memory back, so a run's peak is its own plus what is alive (the data).
+    gc.collect()
+    if _glibc():
+        ctypes.CDLL(None).malloc_trim(0)
     # Writing 5 to clear_refs resets the peak RSS (Linux >= 4.0); elsewhere the peak stays
     # the process's lifetime peak, which still bounds the run's.
     with contextlib.suppress(OSError):
