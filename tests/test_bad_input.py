@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import sqlite3
+import struct
 import subprocess
 import zipfile
 from collections.abc import Iterator
@@ -119,8 +120,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_bundles(root: Path) -> None:
-    """digit.png; model.zip, a real bundle of an untrained ResNet-18 for 10 classes; and two
-    edited copies: model-v9.zip (format version 9) and model-mixed.zip (K49's class map)."""
+    """digit.png, strip.png; model.zip, a real bundle of an untrained ResNet-18 for 10
+    classes; two edited copies: model-v9.zip (format version 9) and model-mixed.zip (K49's
+    class map); and model-deflate.zip, model.zip with bundle.json's compressed bytes
+    overwritten."""
     Image.fromarray(labelled_images(0, 1, 28)[0]).save(root / "digit.png")
     Image.new("L", (60000, 2000), 255).save(root / "strip.png")  # over predict's pixel limit
     cfg = OmegaConf.create(
@@ -153,6 +156,13 @@ def write_bundles(root: Path) -> None:
         with zipfile.ZipFile(root / name, "w") as out:
             for entry, data in entries.items():
                 out.writestr(entry, json.dumps(meta) if entry == BUNDLE_JSON else data)
+    whole = bytearray((root / "model.zip").read_bytes())
+    with zipfile.ZipFile(root / "model.zip") as source:
+        at = source.getinfo(BUNDLE_JSON).header_offset
+    name_len, extra_len = struct.unpack("<HH", whole[at + 26 : at + 30])  # local file header
+    start = at + 30 + name_len + extra_len
+    whole[start : start + 16] = b"\xff" * 16  # not a deflate stream: zlib refuses it
+    (root / "model-deflate.zip").write_bytes(bytes(whole))
 
 
 def snapshot(root: Path) -> dict[str, object]:
