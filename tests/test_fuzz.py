@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import CLI_ENV, REPO
 
-pytestmark = pytest.mark.fuzz
+pytestmark = [pytest.mark.fuzz, pytest.mark.slow]  # seconds of CPU for each target
 pytest.importorskip("atheris")
 
 # Inputs per target: a few seconds each on two cores; a fixed seed, so a run is repeatable.
