@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -86,3 +87,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+# `record_property(SHOWN, text)` in a test: a line of the run's summary, also under xdist
+# (whose workers' own output never reaches the terminal), e.g. the sbatch job ids of the
+# SLURM tests, so a CI log shows that real jobs ran.
+SHOWN = "shown"
+_shown: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _shown.extend(f"{report.nodeid}: {v}" for k, v in report.user_properties if k == SHOWN)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _shown:
+        terminalreporter.section("shown by the tests")
+        for line in _shown:
+            terminalreporter.write_line(line)

@@ -168,13 +168,16 @@ def work(
                     # Our trial was failed as stale while the storage was away; its retry
                     # stands in for it.
                     log.warning("%s; its retry replaces it", error_line(exc))
-                except ValueError as exc:
-                    # The same, seen by Optuna when it records the end of our trial: this
-                    # host was cut off long enough for others to fail the trial as stale.
-                    if not mine or not str(exc).startswith("Cannot tell a FAIL trial"):
+                except (ValueError, AssertionError) as exc:
+                    # The same, seen by Optuna as it records our trial's end ("Cannot tell a
+                    # FAIL trial", or its own assertion after that): this host was cut off
+                    # long enough for other workers to fail the trial as stale.
+                    if not _failed_elsewhere(study, mine):
                         raise
                     log.warning(
-                        "trial %d was failed by another worker; its retry replaces it", mine[-1]
+                        "trial %d was failed by another worker (%s); its retry replaces it",
+                        mine[-1],
+                        error_line(exc),
                     )
                 except Exception as exc:
                     cause = storage_cause(exc)
@@ -187,6 +190,16 @@ def work(
                     slot.release()  # in case the trial was never created (ask failed)
     finally:
         slot.close()
+
+
+def _failed_elsewhere(study: optuna.Study, numbers: list[int]) -> bool:
+    """Our running trial is already FAIL in the storage: another worker failed it."""
+    if not numbers:
+        return False
+    with suppress(*STORAGE_ERRORS):
+        trials = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        return any(t.number == numbers[-1] for t in trials)
+    return False
 
 
 def _fail_orphans(study: optuna.Study, trials: Sequence[FrozenTrial], numbers: list[int]) -> None:

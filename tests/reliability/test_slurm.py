@@ -12,12 +12,13 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
 
+from tests.conftest import SHOWN
 from tests.reliability.harness import (
     PG_URL,
     Sweep,
@@ -83,12 +84,14 @@ def slurm_args(name: str, n: int, jobs: int, *extra: str, sleep: float = 0.3) ->
     )
 
 
-def job_ids(sweep: Sweep) -> list[str]:
-    """The sbatch job ids the launcher printed (array tasks, as 123_0)."""
+def job_ids(sweep: Sweep, record_property: Callable[[str, object], None]) -> list[str]:
+    """The sbatch job ids the launcher printed (array tasks, as 123_0), also shown in the
+    summary of the test run."""
     match = re.search(r"submitted \d+ worker job\(s\) \(slurm\): ([\d_ ]+);", sweep.output)
     assert match, sweep.output
     ids = match.group(1).split()
     print(f"sbatch job ids: {' '.join(ids)}", flush=True)
+    record_property(SHOWN, f"sbatch job ids {' '.join(ids)}")
     return ids
 
 
@@ -114,13 +117,13 @@ def next_running_job(sweep: Sweep, name: str, ids: list[str]) -> str:
 
 
 def test_a_job_array_shares_one_study_and_a_cancelled_job_is_retried(
-    tmp_path: Path, study_name: str
+    tmp_path: Path, study_name: str, record_property: Callable[[str, object], None]
 ) -> None:
     assert PG_URL is not None
     n, jobs = 24, 3
     sweep = Sweep(slurm_args(study_name, n, jobs, "launcher.timeout_min=10"), tmp_path)
     wait_until(lambda: "submitted" in sweep.output, 120, "sbatch", sweep)
-    ids = job_ids(sweep)
+    ids = job_ids(sweep, record_property)
     wait_until(finished_at_least(PG_URL, study_name, 3), 180, "3 finished trials", sweep)
     victim = next_running_job(sweep, study_name, ids)
     subprocess.run(["scancel", victim], check=True)  # SIGTERM, SIGKILL after KillWait
@@ -138,7 +141,7 @@ def test_a_job_array_shares_one_study_and_a_cancelled_job_is_retried(
 
 
 def test_jobs_stopped_at_their_time_limit_fail_their_trials_and_the_sweep_resumes(
-    tmp_path: Path, study_name: str
+    tmp_path: Path, study_name: str, record_property: Callable[[str, object], None]
 ) -> None:
     """--time=1 (minute) and 15 s trials: SLURM's SIGTERM, then SIGKILL, ends every job
     mid-trial; submitit's early USR2 (asked 90 s before the limit, so at once) must not end
@@ -148,7 +151,7 @@ def test_jobs_stopped_at_their_time_limit_fail_their_trials_and_the_sweep_resume
     first = run(slurm_args(study_name, n, jobs, "launcher.timeout_min=1", sleep=5.0), tmp_path)
     assert first.proc.returncode == 1, first.output
     assert "run the same command again" in first.output
-    ids = job_ids(first)
+    ids = job_ids(first, record_property)
     study = load(PG_URL, study_name)
     counts = states(study)
     assert counts["RUNNING"] == 0 and 0 < counts["COMPLETE"] < n, counts
@@ -163,19 +166,19 @@ def test_jobs_stopped_at_their_time_limit_fail_their_trials_and_the_sweep_resume
     assert again.proc.returncode == 0, again.output
     study = load(PG_URL, study_name)
     assert_consistent(study, n)
-    assert squeue(ids + job_ids(again)) == []
+    assert squeue(ids + job_ids(again, record_property)) == []
     record("slurm_time_limit", study, jobs=jobs, runs=2)
 
 
 def test_every_job_cancelled_stops_the_launcher_and_the_same_command_resumes(
-    tmp_path: Path, study_name: str
+    tmp_path: Path, study_name: str, record_property: Callable[[str, object], None]
 ) -> None:
     assert PG_URL is not None
     n, jobs = 20, 2
     args = slurm_args(study_name, n, jobs, "launcher.timeout_min=10")
     sweep = Sweep(args, tmp_path)
     wait_until(lambda: "submitted" in sweep.output, 120, "sbatch", sweep)
-    ids = job_ids(sweep)
+    ids = job_ids(sweep, record_property)
     wait_until(finished_at_least(PG_URL, study_name, 3), 180, "3 finished trials", sweep)
     subprocess.run(["scancel", "--name", f"kmnist-{study_name}"], check=True)
     assert sweep.wait(300) == 1, sweep.output
@@ -188,5 +191,5 @@ def test_every_job_cancelled_stops_the_launcher_and_the_same_command_resumes(
     study = load(PG_URL, study_name)
     assert_consistent(study, n)
     time.sleep(1)
-    assert squeue(ids + job_ids(again)) == []
+    assert squeue(ids + job_ids(again, record_property)) == []
     record("slurm_cancel_all_resume", study, jobs=jobs)
