@@ -82,10 +82,12 @@ def _window(pixels: np.ndarray) -> tuple[int, int, int]:
     h, w = pixels.shape
     side = max(h, w)
     whole = ((h - side) // 2, (w - side) // 2, side)
-    rows = np.flatnonzero((pixels >= INK).any(axis=1))
+    ink = pixels >= INK
+    rows = np.flatnonzero(ink.any(axis=1))
     if len(rows) == 0:  # faint strokes only: nothing to measure the ink by
         return whole
-    cols = np.flatnonzero((pixels[rows[0] : rows[-1] + 1] >= INK).any(axis=0))
+    cols = np.flatnonzero(ink.any(axis=0))
+    del ink  # as large as the picture
     ink_h, ink_w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
     if max(ink_h, ink_w) >= INK_FILL_MIN * side:
         return whole
