@@ -77,7 +77,7 @@ def make_bundle(work: Path, epochs: int) -> Path:
     )
     study = work / "sweeps" / "batchsize-kmnist_sample"
     final = cli("final", str(study), f"trainer.epochs={epochs}", cwd=work)
-    print(final.stdout.strip().splitlines()[0])
+    print(*[line for line in final.stdout.splitlines() if line.startswith("final: test/")])
     print(f"bundle made in {time.perf_counter() - start:.0f} s")
     return study / "model-trial0.zip"
 
