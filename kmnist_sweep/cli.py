@@ -109,6 +109,11 @@ def sweep(cfg: DictConfig) -> float | None:
             f"Pareto front of {len(summary.front)} trial(s) over "
             f"({', '.join(summary.metrics)}){': ' + shown if shown else ''}"
         )
+    elif summary.batch_size is not None:  # a batch-size study: its recommended size
+        best = (
+            f"recommended batch size {summary.batch_size}: {cfg.study.metric} "
+            f"{_rounded(summary.best_value)} (trial {summary.best_trial})"
+        )
     else:
         best = (
             f"best {cfg.study.metric} {_rounded(summary.best_value)} (trial {summary.best_trial})"

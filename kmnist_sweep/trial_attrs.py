@@ -46,6 +46,7 @@ LR_SOURCE = "lr/source"  # where that LR came from, one line
 LR_VALUE = "lr/value"  # the peak LR the trial trained at, per step
 VALID = "val"  # final validation metrics {"val/acc": ..., "val/loss": ...}
 VALID_SE = "val_se"  # their standard errors {"val/acc_se": ..., ...} (train/standard_error.py)
+CURVE = "curve"  # per epoch: {epoch, steps, seconds (training, cumulative), val/...}
 DID_NOT_LEARN = "did_not_learn"  # why a run that trained is no better than chance (one line)
 SECONDS = "seconds"  # wall time of the training run that counted, seconds
 TRAIN_SECONDS = "speed/train_s"  # seconds in training phases of that run (validation excluded)

@@ -9,6 +9,8 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from kmnist_sweep.config.check import check_batch_sizes
@@ -18,11 +20,11 @@ from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.results.batchsize import (
     SizeAnswer,
     SizeRow,
-    plot_sizes,
     recommend,
     size_answer,
     size_table,
 )
+from kmnist_sweep.results.batchsize_plot import BUDGET_TITLE, plot_sizes
 from kmnist_sweep.train import batch_size, engine
 from tests.conftest import run_cli
 
@@ -177,7 +179,7 @@ def test_a_halved_size_is_shown_as_halved_never_as_its_own_answer(tmp_path: Path
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    answer = re.search(r"^batch size: use (\d+) .*$", out.stdout + out.stderr, re.M)
+    answer = re.search(r"^Recommended batch size: (\d+)\. .*$", out.stdout, re.M)
     assert answer, out.stdout[-3000:]
     assert answer[1] in {"32", "64"}
     assert "halved, so not measured at their own size: 128 (oom -> 64)" in answer[0]
@@ -190,11 +192,20 @@ def test_a_halved_size_is_shown_as_halved_never_as_its_own_answer(tmp_path: Path
     assert found is not None and found.pick is not None
     [halved] = [r for r in found.rows if r.requested == 128]
     assert (halved.effective, halved.halved_by, halved.measured) == (64, "oom", False)
-    axes = plot_sizes(found.rows, found.pick, "val/acc").axes
-    accuracy, halved_marks = axes[0].lines[:2]
+    budget, speed = _budget_axes(plot_sizes(found))
+    accuracy, halved_marks = budget.lines[:2]
     assert list(accuracy.get_xdata()) == [32, 64]  # 128 has no accuracy of its own
     assert list(halved_marks.get_xdata()) == [128]
-    assert list(axes[1].lines[0].get_xdata()) == [32, 64]  # nor a speed
+    assert list(speed.lines[0].get_xdata()) == [32, 64]  # nor a speed
+
+
+def _budget_axes(fig: Figure) -> tuple[Axes, Axes]:
+    """The figure's accuracy-at-the-budget axes and the speed axes sharing its x."""
+    [budget] = [ax for ax in fig.axes if ax.get_title() == BUDGET_TITLE]
+    [speed] = [
+        ax for ax in fig.axes if ax is not budget and ax.get_shared_x_axes().joined(ax, budget)
+    ]
+    return budget, speed
 
 
 def size_row(
@@ -202,7 +213,10 @@ def size_row(
 ) -> SizeRow:
     value = 0.95 if fitted else None
     outcome = "trained" if halved_by is None else "halved" if fitted else "did not fit (oom)"
-    return SizeRow(requested, effective, outcome, value, 500.0, 10.0, 1500.0, 0.05, halved_by)
+    curve = [{"epoch": 1.0, "steps": 10.0, "seconds": 1.0, "val/acc": 0.95}] if fitted else []
+    return SizeRow(
+        requested, effective, outcome, value, 500.0, 10.0, 1500.0, 0.05, halved_by, curve=curve
+    )
 
 
 def test_a_size_that_fitted_nowhere_is_not_drawn_as_halved() -> None:
@@ -213,7 +227,7 @@ def test_a_size_that_fitted_nowhere_is_not_drawn_as_halved() -> None:
     assert pick is not None and pick.batch_size == 64
     assert "not measured at their own size: 128 (oom -> 64)" in pick.rule
     assert pick.rule.endswith("not counted: 2048 (did not fit (oom))")
-    axes = plot_sizes(rows, pick, "val/acc").axes
-    assert list(axes[0].lines[1].get_xdata()) == [128]
+    budget, _ = _budget_axes(plot_sizes(SizeAnswer(rows, pick, "val/acc")))
+    assert list(budget.lines[1].get_xdata()) == [128]
     table = size_table(SizeAnswer(rows, pick, "val/acc"))
     assert [r[1] for r in table[1:]] == ["64", "64 (oom)", "did not fit (oom)"]

@@ -177,7 +177,12 @@ def test_best_yaml_overrides_rebuild_the_best_config(toy_cfg: Any) -> None:
             base = hydra_base_overrides(cfg)
         finally:
             HydraConfig.instance().cfg = None  # type: ignore[assignment]
-        assert base == ["data=synthetic", "trainer.lr=0.01", "trainer.epochs=3"]
+        assert base == [
+            "data=synthetic",
+            "trainer.lr=0.01",
+            "trainer.epochs=3",
+            "batch_size.min_steps=100",
+        ]
 
         with open_dict(cfg):
             cfg.toy = {"epochs": 2, "sleep": 0.0}

@@ -231,6 +231,9 @@ SCHEMA: dict[str, Key] = {
     "batch_size.min": _int("images per step, smallest", 1),
     "batch_size.max": _int("images per step, largest", 1),
     "batch_size.diverge_factor": _float("multiple of the starting loss", 1, low_open=True),
+    "batch_size.min_steps": _int("optimiser steps per trial, fewest (0: off)", 0),
+    "batch_size.max_epochs": _int("epochs a trial is raised to, most", 1),
+    "batch_size.target": _float("validation metric value", nullable=True),
     "batch_size.inject_oom": Key("mapping", "{above: images, epoch, step}", nullable=True),
     # study:
     "study.name": _text("study name in the storage"),

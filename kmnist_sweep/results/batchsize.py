@@ -1,24 +1,29 @@
-"""The answer of a batch-size study: per power of two, does it fit, how fast, how good, at
-which LR, and which size to pick.
+"""The answer of a batch-size study: per power of two, did it train, how fast, how good, at
+which LR, how soon it reaches a common target, and which size to pick.
 
-    rows = size_rows(study, index, metric)
-    pick = recommend(rows, metric)         # best metric; within its noise, the fastest
-    figure = plot_sizes(rows, pick, metric)
+    answer = size_answer(study, metric, target)   # rows, the pick, the target
+    answer_text(answer)                           # the recommendation and its rule
 
-The rule, written under the figure: take the best validation metric; every size whose
-metric is within two standard errors of it (each metric's own rule, train/standard_error.py)
-is as good; of those, recommend the one with the most images per second. Only a size that
+The rule, printed under the answer: every size is timed to one target, `batch_size.target`
+or else the best final validation metric less two of its standard errors (each metric's
+own rule, train/standard_error.py); the recommended size is the one that first reaches it,
+in seconds of training (validation excluded), at the end of an epoch. Only a size that
 trained at its own size and learned counts: one that was halved (out of memory, or a
 diverging loss) has a smaller size's figures, one that did not learn (chance-level
 validation accuracy) has no answer, and one that failed or was interrupted none either.
+The gradient noise scale (train/noise_scale.py) is given per size and for the sweep; the
+knee of steps-to-target is the first size whose doubling saves less than a quarter of the
+steps, where the model S = S_min (1 + B_noise / B) puts B = B_noise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
 
 import optuna
-from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from kmnist_sweep import trial_attrs
@@ -45,6 +50,8 @@ class SizeRow:
     trial: int = -1  # the trial's number
     noise: float | None = None  # the metric's standard error (None: no rule, not recorded)
     cause: str = ""  # why it did not fit or did not learn, one line
+    curve: list[dict[str, float]] = field(default_factory=list)  # per epoch (CURVE)
+    noise_scale: float | None = None  # B_simple in images, over its last epochs
 
     @property
     def measured(self) -> bool:
@@ -57,19 +64,32 @@ class SizeRow:
         return self.outcome == HALVED
 
     @property
-    def fitted(self) -> bool:
-        return self.outcome != NOT_FITTED
+    def epochs(self) -> int | None:
+        return int(self.curve[-1]["epoch"]) if self.curve else None
+
+
+@dataclass(frozen=True)
+class Reach:
+    """Where a size's validation curve first reached the target (at an epoch's end)."""
+
+    epoch: int
+    steps: int  # optimiser steps so far
+    seconds: float  # seconds of training so far (validation excluded)
 
 
 @dataclass(frozen=True)
 class Recommendation:
     batch_size: int  # images per step
     trial: int  # the trial that measured it: best.yaml and `final` retrain this one
-    value: float  # its metric
+    value: float  # its metric at the end of its budget
     images_per_s: float
     largest_trained: int  # largest size that trained at its own size and learned (0: none)
     noise: float  # the metric's standard error at the best value (0: no band)
     rule: str  # the rule in words, with its numbers
+    target: float = 0.0  # the metric value every size is timed to
+    reach: dict[int, Reach | None] = field(default_factory=dict)  # trial -> where it got there
+    noise_scale: float | None = None  # the sweep's B_simple: median over the sizes that count
+    knee: int | None = None  # first size whose doubling saves < 1/4 of the steps to target
 
 
 def outcome(t: FrozenTrial, requested: int, effective: int) -> tuple[str, str]:
@@ -120,33 +140,77 @@ def size_rows(study: optuna.Study, index: int = 0, metric: str = "") -> list[Siz
                 trial=t.number,
                 noise=trial_attrs.standard_error(attrs, metric),
                 cause=cause,
+                curve=list(attrs.get(trial_attrs.CURVE) or []),
+                noise_scale=_noise_scale(attrs),
             )
         )
     return sorted(rows, key=lambda r: (r.requested, r.trial))
 
 
+def _noise_scale(attrs: dict[str, Any]) -> float | None:
+    """A trial's noise scale: the median of its last two epochs' defined values, the rule of
+    train/noise_scale.summarise (not imported: it brings fastai, which a CLI answering bad
+    input, through outputs.py, must not load)."""
+    values = attrs.get(trial_attrs.NOISE_SCALE) or []
+    tail = [float(v) for v in values[-2:] if v is not None and math.isfinite(v) and v > 0]
+    return statistics.median(tail) if tail else None
+
+
+def time_to(row: SizeRow, metric: str, target: float, maximize: bool) -> Reach | None:
+    """The first epoch's end at which `row`'s validation `metric` reached `target`."""
+    sign = 1.0 if maximize else -1.0
+    for point in row.curve:
+        value = point.get(metric)
+        if value is not None and sign * (value - target) >= -1e-12:
+            return Reach(int(point["epoch"]), int(point["steps"]), float(point["seconds"]))
+    return None
+
+
 def recommend(
-    rows: list[SizeRow], metric: str = "val/acc", maximize: bool = True
+    rows: list[SizeRow],
+    metric: str = "val/acc",
+    maximize: bool = True,
+    target: float | None = None,
 ) -> Recommendation | None:
-    """Best metric; among the sizes within two standard errors of it, the fastest. Only
-    trials that trained at the size they asked for, and learned, count."""
-    done = [r for r in rows if r.measured and r.value is not None and r.images_per_s]
+    """The size that reaches the target first in seconds of training, of those that trained
+    at the size they asked for and learned (the module's doc has the rule)."""
+    done = [r for r in rows if r.measured and r.value is not None]
     if not done:
         return None
     sign = 1.0 if maximize else -1.0
     best = max(done, key=lambda r: sign * float(r.value or 0.0))
-    noise = best.noise or 0.0
-    close = [
-        r for r in done if sign * (float(best.value or 0.0) - float(r.value or 0.0)) <= 2 * noise
-    ]
-    pick = max(close, key=lambda r: float(r.images_per_s or 0.0))
-    rule = f"best {best.value:.4f} at batch {best.requested}; " + (
-        f"sizes within 2 standard errors ({2 * noise:.4f}, {RULES[metric]}) count as equally good"
-        if metric in RULES and best.noise is not None
-        else f"no noise band for {metric}: only the best counts"
+    banded = best.noise is not None and metric in RULES
+    noise = float(best.noise or 0.0) if banded else 0.0
+    if target is None:
+        target = float(best.value or 0.0) - sign * 2 * noise
+        source = f"the best final value, {best.value:.4f} at batch {best.requested}, " + (
+            f"less 2 standard errors ({2 * noise:.4f}, {RULES[metric]})"
+            if banded
+            else f"itself (no noise band for {metric})"
+        )
+    else:
+        source = "batch_size.target"
+    reach = {r.trial: time_to(r, metric, target, maximize) for r in done}
+    reached = [r for r in done if reach[r.trial] is not None]
+    sense = ">=" if maximize else "<="
+    rule = f"target {metric} {sense} {target:.4f} ({source})"
+    if not reached:
+        return None
+    pick = min(reached, key=lambda r: (_seconds(reach[r.trial]), r.requested))
+    first = reach[pick.trial]
+    assert first is not None
+    rule += (
+        f"; batch {pick.requested} reaches it first: {first.seconds:.1f} s of training "
+        f"({first.steps} steps, epoch {first.epoch} of {pick.epochs})"
     )
-    rule += f"; of those, batch {pick.requested} trains fastest ({pick.images_per_s:.0f} images/s)"
-    rule += _not_measured(rows)
+    missed = [
+        f"{r.requested} ({r.value:.4f} after {r.curve[-1]['steps']:.0f} steps)"
+        for r in done
+        if reach[r.trial] is None and r.curve
+    ]
+    if missed:
+        rule += f"; not reached within their budget: {', '.join(missed)}"
+    scales = [r.noise_scale for r in done if r.noise_scale is not None]
     return Recommendation(
         batch_size=pick.requested,
         trial=pick.trial,
@@ -154,8 +218,26 @@ def recommend(
         images_per_s=float(pick.images_per_s or 0.0),
         largest_trained=max((r.requested for r in done), default=0),
         noise=noise,
-        rule=rule,
+        rule=rule + _not_measured(rows),
+        target=target,
+        reach=reach,
+        noise_scale=statistics.median(scales) if scales else None,
+        knee=knee(done, reach),
     )
+
+
+def _seconds(reach: Reach | None) -> float:
+    return float("inf") if reach is None else reach.seconds
+
+
+def knee(rows: list[SizeRow], reach: dict[int, Reach | None]) -> int | None:
+    """The first size whose doubling cuts the steps to the target by less than a quarter."""
+    steps = {r.requested: reach[r.trial] for r in rows}
+    for size in sorted(steps):
+        here, there = steps[size], steps.get(2 * size)
+        if here is not None and there is not None and there.steps > 0.75 * here.steps:
+            return size
+    return None
 
 
 def _not_measured(rows: list[SizeRow]) -> str:
@@ -170,80 +252,17 @@ def _not_measured(rows: list[SizeRow]) -> str:
     return text
 
 
-def plot_sizes(rows: list[SizeRow], pick: Recommendation | None, metric: str) -> Figure:
-    """The metric and images/s against batch size (log2 axis labelled with real sizes)."""
-    fig = Figure(figsize=(7, 4.6))
-    ax = fig.add_subplot()
-    sizes = [r.requested for r in rows]
-    shown = [r for r in rows if r.measured and r.value is not None]
-    values = [float(r.value or 0.0) for r in shown]
-    ax.plot([r.requested for r in shown], values, "o-", color="tab:blue")
-    halved = [r for r in rows if r.halved]
-    if halved:  # at the foot of the axis: they have no figure of their own
-        foot = min(values, default=0.0)
-        ax.plot(
-            [r.requested for r in halved],
-            [foot] * len(halved),
-            "x",
-            color="tab:red",
-            ms=9,
-            label="halved: trained at a smaller size",
-        )
-        for r in halved:
-            ax.annotate(
-                f"{r.halved_by}\n-> {r.effective}",
-                (r.requested, foot),
-                textcoords="offset points",
-                xytext=(0, 8),
-                ha="center",
-                fontsize=7,
-                color="tab:red",
-            )
-    unlearned = [r for r in rows if r.outcome == NOT_LEARNED and r.value is not None]
-    if unlearned:
-        ax.plot(
-            [r.requested for r in unlearned],
-            [float(r.value or 0.0) for r in unlearned],
-            "v",
-            color="tab:purple",
-            ms=8,
-            label="did not learn (chance level)",
-        )
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_xlabel("batch size (images per step)")
-    ax.set_ylabel(metric, color="tab:blue")
-    speed = ax.twinx()
-    fast = [r for r in rows if r.measured and r.images_per_s]
-    rates = [float(r.images_per_s or 0.0) for r in fast]
-    speed.plot([r.requested for r in fast], rates, "s--", color="tab:orange")
-    speed.set_ylabel("training images/s", color="tab:orange")
-    if pick is not None:
-        ax.axvline(
-            pick.batch_size, color="tab:green", lw=1.5, label=f"recommended: {pick.batch_size}"
-        )
-        if pick.largest_trained:
-            ax.axvline(
-                pick.largest_trained,
-                color="0.5",
-                ls=":",
-                label=f"largest that trained and learned: {pick.largest_trained}",
-            )
-    if ax.get_legend_handles_labels()[0]:  # under the axes: the curves use all of them
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)
-    ax.set_title("Batch size: accuracy and speed")
-    fig.tight_layout()
-    return fig
-
-
 @dataclass(frozen=True)
 class SizeAnswer:
     rows: list[SizeRow]
     pick: Recommendation | None
     metric: str
+    target: float | None = None  # batch_size.target as set (None: from the best size)
 
 
-def size_answer(study: optuna.Study, metric: str) -> SizeAnswer | None:
+def size_answer(
+    study: optuna.Study, metric: str, target: float | None = None
+) -> SizeAnswer | None:
     """The batch-size answer when the study searches the batch size and nothing else."""
     space = study.user_attrs.get(trial_attrs.STUDY_SEARCH_SPACE) or {}
     searched = [p.name for p in parse_space(space) if p.searched]
@@ -257,34 +276,69 @@ def size_answer(study: optuna.Study, metric: str) -> SizeAnswer | None:
     index = names.index(metric) if metric in names else 0
     rows = size_rows(study, index, metric)
     maximize = study.directions[index] == optuna.study.StudyDirection.MAXIMIZE
-    return SizeAnswer(rows, recommend(rows, metric, maximize), metric)
+    return SizeAnswer(rows, recommend(rows, metric, maximize, target), metric, target)
+
+
+def recommended_trial(study: optuna.Study, metric: str, target: Any = None) -> FrozenTrial | None:
+    """The trial of the recommended size; None where the study has no batch-size answer."""
+    answer = size_answer(study, metric, None if target is None else float(target))
+    if answer is None or answer.pick is None:
+        return None
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == answer.pick.trial)
 
 
 def answer_text(answer: SizeAnswer) -> str:
-    """One line: the recommended size and the rule that picked it."""
+    """The recommended size and, after it, the rule that picked it."""
     if answer.pick is None:
         shown = ", ".join(f"{r.requested} ({r.outcome})" for r in answer.rows)
-        return f"no size trained at its own size and learned: nothing to recommend ({shown})"
-    return f"Recommended: batch {answer.pick.batch_size}. {answer.pick.rule}"
+        if any(r.measured for r in answer.rows):
+            why = f"no size reached batch_size.target={answer.target}"
+        else:
+            why = "no size trained at its own size and learned"
+        return f"Recommended batch size: none; {why} ({shown})"
+    pick = answer.pick
+    text = f"Recommended batch size: {pick.batch_size}. Rule: {pick.rule}"
+    if pick.noise_scale is not None:
+        text += f". Gradient noise scale: {pick.noise_scale:.0f} images (median over sizes)"
+    if pick.knee is not None:
+        text += f"; knee of steps to target: batch {pick.knee}"
+    return text
 
 
 def size_table(answer: SizeAnswer) -> list[list[str]]:
     """Header row, then one row per size: what the report prints under the figure."""
-    header = ["batch", "trained at", answer.metric, "± SE", "images/s", "s/epoch", "peak MiB"]
-    header.append("LR")
-    return [header] + [
-        [
-            str(r.requested),
-            _trained_at(r),
-            _cell(r.value, ".4f"),
-            _cell(r.noise, ".4f"),
-            _cell(r.images_per_s, ".0f"),
-            _cell(r.seconds_per_epoch, ".2f"),
-            _cell(r.peak_mb, ".0f"),
-            _cell(r.lr, ".3g"),
-        ]
-        for r in answer.rows
-    ]
+    header = ["batch", "trained at", "epochs", "LR", f"{answer.metric} at budget", "± SE"]
+    header += ["steps to target", "s to target", "images/s", "peak MiB", "noise scale"]
+    reach = answer.pick.reach if answer.pick is not None else {}
+    table = [header]
+    for r in answer.rows:
+        got = reach.get(r.trial)
+        table.append(
+            [
+                str(r.requested),
+                _trained_at(r),
+                "-" if r.epochs is None else str(r.epochs),
+                _cell(r.lr, ".3g"),
+                _cell(r.value, ".4f"),
+                _cell(r.noise, ".4f"),
+                _cell(None if got is None else got.steps, "d", r.trial in reach),
+                _cell(None if got is None else got.seconds, ".1f", r.trial in reach),
+                _cell(r.images_per_s, ".0f"),
+                _cell(r.peak_mb, ".0f"),
+                _cell(r.noise_scale, ".0f"),
+            ]
+        )
+    return table
+
+
+def table_text(answer: SizeAnswer) -> str:
+    """The table as aligned plain text, for the end of a sweep's output."""
+    table = size_table(answer)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join(
+        "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
+        for row in table
+    )
 
 
 def _trained_at(row: SizeRow) -> str:
@@ -293,5 +347,7 @@ def _trained_at(row: SizeRow) -> str:
     return str(row.effective) if row.measured else row.outcome
 
 
-def _cell(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _cell(value: float | None, spec: str, timed: bool = False) -> str:
+    if value is None:
+        return "not reached" if timed else "-"
+    return format(value, spec)

@@ -24,7 +24,10 @@ from kmnist_sweep.config.search_space import (
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.files import write_atomic
 from kmnist_sweep.masking import mask_url
+from kmnist_sweep.results.batchsize import recommended_trial
 from kmnist_sweep.results.pareto import is_multi_objective, metric_names, pareto_front
+
+BATCH = "trainer.batch_size"
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,20 @@ class SweepSummary:
     front: list[tuple[int, list[float]]] = field(default_factory=list)
     # A budgeted sweep: what it planned and did, the final fit and the bundle (lines).
     budget: list[str] = field(default_factory=list)
+    batch_size: int | None = None  # a batch-size study: the recommended size (best_* its trial)
 
 
 def summarize(
-    study: optuna.Study, n_trials: int, storage: str, out_dir: Path, chosen: int | None = None
+    study: optuna.Study,
+    cfg: DictConfig,
+    n_trials: int,
+    storage: str,
+    out_dir: Path,
+    chosen: int | None = None,
 ) -> SweepSummary:
     trials = study.get_trials(deepcopy=False)
-    best = _best_trial(study) if chosen is None else study.trials[chosen]
+    recommended = _recommended(study, cfg) if chosen is None else None
+    best = study.trials[chosen] if chosen is not None else recommended or _best_trial(study)
     front = pareto_front(study)
     return SweepSummary(
         study_name=study.study_name,
@@ -67,7 +77,14 @@ def summarize(
         output_dir=out_dir,
         metrics=metric_names(study),
         front=[(t.number, list(t.values)) for t in front],
+        batch_size=None if recommended is None else trial_values(recommended).get(BATCH),
     )
+
+
+def _recommended(study: optuna.Study, cfg: DictConfig) -> FrozenTrial | None:
+    """A batch-size study's recommended trial: its one answer, in best.yaml and the summary."""
+    target = cfg.get("batch_size", {}).get("target")
+    return recommended_trial(study, str(cfg.study.metric), target)
 
 
 def _best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -162,10 +179,12 @@ def write_results(
         front = pareto_front(study)
         write_atomic(out_dir / "best.yaml", front_yaml(study, cfg, front, base_overrides))
         return
-    best = _best_trial(study) if chosen is None else study.trials[chosen]
+    recommended = _recommended(study, cfg) if chosen is None else None
+    best = study.trials[chosen] if chosen is not None else recommended or _best_trial(study)
     if best is None:
         return
-    write_atomic(out_dir / "best.yaml", best_yaml(study, cfg, best, base_overrides))
+    body = best_yaml(study, cfg, best, base_overrides, recommended is not None)
+    write_atomic(out_dir / "best.yaml", body)
 
 
 def remove_stale_best(study: optuna.Study, out_dir: Path) -> bool:
@@ -222,7 +241,11 @@ def retrain(t: FrozenTrial, base_overrides: Sequence[str]) -> tuple[list[str], s
 
 
 def best_yaml(
-    study: optuna.Study, cfg: DictConfig, best: FrozenTrial, base_overrides: Sequence[str]
+    study: optuna.Study,
+    cfg: DictConfig,
+    best: FrozenTrial,
+    base_overrides: Sequence[str],
+    recommended: bool = False,
 ) -> str:
     values = trial_values(best)
     overrides, command = retrain(best, base_overrides)
@@ -236,7 +259,8 @@ def best_yaml(
         "params": values,
         "overrides": overrides,
     }
-    header = f"# Best trial of study {study.study_name}. Retrain it with:\n#   {command}\n"
+    what = "Recommended batch size" if recommended else "Best trial"
+    header = f"# {what} of study {study.study_name}. Retrain it with:\n#   {command}\n"
     return header + OmegaConf.to_yaml(OmegaConf.create(body))
 
 

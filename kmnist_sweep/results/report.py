@@ -29,13 +29,8 @@ from optuna.trial import TrialState
 
 from kmnist_sweep.data.datasets import load_dataset
 from kmnist_sweep.results import pareto
-from kmnist_sweep.results.batchsize import (
-    SizeAnswer,
-    answer_text,
-    plot_sizes,
-    size_answer,
-    size_table,
-)
+from kmnist_sweep.results.batchsize import SizeAnswer, answer_text, size_answer, size_table
+from kmnist_sweep.results.batchsize_plot import plot_sizes
 from kmnist_sweep.results.confusion import (
     CONFUSION_CSV,
     SkipPlot,
@@ -139,7 +134,8 @@ def write_report(
             title = f"Confusion matrix ({split})"
             report.sections.append(Section(title, note=f"not drawn: {err}"))
     page = directory / "report.html"
-    page.write_text(render_html(study, report, scores, note), encoding="utf-8")
+    chosen = None if sizes is None or sizes.pick is None else sizes.pick.trial  # shown as best
+    page.write_text(render_html(study, report, scores, note, chosen), encoding="utf-8")
     return page
 
 
@@ -147,7 +143,7 @@ def add_size_answer(report: Report, answer: SizeAnswer) -> None:
     section = report.add(
         "Batch size: accuracy and speed",
         "batch_size",
-        lambda: plot_sizes(answer.rows, answer.pick, answer.metric),
+        lambda: plot_sizes(answer),
         note=answer_text(answer),
     )
     if section is not None:
@@ -282,7 +278,9 @@ def add_split_plots(
 # ---------------------------------------------------------------- HTML
 
 
-def render_html(study: optuna.Study, report: Report, scores: dict[str, float], note: str) -> str:
+def render_html(
+    study: optuna.Study, report: Report, scores: dict[str, float], note: str, chosen: int | None
+) -> str:
     trials = study.get_trials(deepcopy=False)
     counts = {state.name.lower(): 0 for state in TrialState}
     for t in trials:
@@ -293,12 +291,13 @@ def render_html(study: optuna.Study, report: Report, scores: dict[str, float], n
         ("trials", f"{len(trials)} ({by_state})" if trials else "0"),
     ]
     try:
-        best = study.best_trial
+        best = study.trials[chosen] if chosen is not None else study.best_trial
     except (ValueError, RuntimeError):  # no complete trial yet, or several objectives
         rows.extend(pareto.front_rows(study) or [("best trial", "none")])
     else:
         direction = study.direction.name.lower()
-        rows.append(("best trial", f"#{best.number}: {best.value:.6g} ({direction})"))
+        shown = "recommended trial" if chosen is not None else "best trial"
+        rows.append((shown, f"#{best.number}: {best.value:.6g} ({direction})"))
         rows.extend((f"best {name}", _format(value)) for name, value in best.params.items())
     # The note ("not the official protocol") goes next to every accuracy.
     rows.extend(
@@ -369,7 +368,10 @@ def report_sweep(study: optuna.Study, cfg: DictConfig) -> Path:
     out_dir = Path(str(cfg.study.output_dir))
     dataset = load_dataset(cfg.data)
     labels = preds = images = None
-    best = pareto.shown_trial(study)  # None: no complete trial yet
+    sizes = size_answer(study, str(cfg.study.metric), cfg.batch_size.get("target"))
+    # A batch-size study shows its recommended size's predictions; others their best trial's.
+    pick = sizes.pick if sizes is not None else None
+    best = study.trials[pick.trial] if pick is not None else pareto.shown_trial(study)
     if best is not None:
         saved = out_dir / "trials" / str(best.number) / VALID_PREDICTIONS
         if saved.exists():
@@ -377,7 +379,6 @@ def report_sweep(study: optuna.Study, cfg: DictConfig) -> Path:
                 preds, labels = npz["preds"], npz["labels"]
             images = dataset.valid.images.numpy()
     curves = sorted((out_dir / "lr_finder").glob("*.png"))
-    sizes = size_answer(study, str(cfg.study.metric))
     page = write_report(
         study,
         out_dir,

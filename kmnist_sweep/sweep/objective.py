@@ -38,7 +38,7 @@ from kmnist_sweep.data.datasets import Dataset, load_dataset
 from kmnist_sweep.errors import error_line
 from kmnist_sweep.files import write_atomic
 from kmnist_sweep.results import report
-from kmnist_sweep.results.batchsize import answer_text, size_answer
+from kmnist_sweep.results.batchsize import answer_text, size_answer, table_text
 from kmnist_sweep.results.report import VALID_PREDICTIONS
 from kmnist_sweep.results.tracking import Tracker
 from kmnist_sweep.sweep import budgeted, lr_seed, optuna_internals
@@ -136,17 +136,9 @@ class TrainingObjective:
         """The report, and for a batch-size study its answer on one line."""
         if self.cfg.study.report:
             log.info("report: %s", report.report_sweep(study, self.cfg))
-        answer = size_answer(study, self.metric)
-        if answer is not None and answer.pick is None:
-            print(f"batch size: {answer_text(answer)}", flush=True)
-        elif answer is not None and answer.pick is not None:
-            pick = answer.pick
-            print(
-                f"batch size: use {pick.batch_size} ({self.metric} {pick.value:.4f}, "
-                f"{pick.images_per_s:.0f} images/s; largest that trained and learned: "
-                f"{pick.largest_trained}); {pick.rule}",
-                flush=True,
-            )
+        answer = size_answer(study, self.metric, self.cfg.batch_size.get("target"))
+        if answer is not None:
+            print(f"{table_text(answer)}\n{answer_text(answer)}", flush=True)
 
     # ---------------------------------------------------------------- one trial
 
@@ -210,8 +202,10 @@ class TrainingObjective:
             if run.noise_scale:
                 trial.set_user_attr(trial_attrs.NOISE_SCALE, run.noise_scale)
             self.tracker.end_trial(state, reason, trial_summary(trial))
-        # What retrains this trial: the seeded LR and the batch that actually fitted.
+        # What retrains this trial: the seeded LR, the batch that actually fitted, its epochs.
         final = {**values, "trainer.batch_size": record.effective}
+        if run.epochs != int(trial_cfg.trainer.epochs):
+            final["trainer.epochs"] = run.epochs
         final.update({name: float(trial.user_attrs[trial_attrs.LR_VALUE]) for name in factors})
         trial.set_user_attr(trial_attrs.OVERRIDES, to_overrides(final))
         predictions = valid_predictions(result)
@@ -261,21 +255,31 @@ class _TrialRun:
         self.rungs: dict[str, Any] = {}  # the rungs it passed (successive halving, Hyperband)
         self.restarted = False  # a halving restarted the run: the stored steps mix attempts
         self.noise_scale: list[float | None] = []  # per epoch of the latest attempt
-        self.epochs = int(trial_cfg.trainer.epochs)
         # When the length of the schedule is searched, trials report at the percent of their
         # own one-cycle schedule done, so the pruner compares a 30-epoch run half-way with a
         # 5-epoch run half-way, not with its annealed end (`study.report_steps`).
         self.by_fraction = any(p.name == "trainer.epochs" for p in objective.params)
         pruner = objective.cfg.study.pruner
-        self.steps = report_steps(pruner, objective.params, self.epochs)
         judged_by_step = str(pruner.type) in STEP_PRUNERS
         self.warmup = int(pruner.n_warmup_steps) if judged_by_step else 0
+        self.schedule(int(trial_cfg.trainer.epochs))
+        self.curve: list[dict[str, float]] = []  # the attempt's validation curve
+
+    def schedule(self, epochs: int) -> None:
+        """The run's epochs, and the pruner step each epoch reports at."""
+        self.epochs = epochs
+        self.steps = report_steps(self.objective.cfg.study.pruner, self.objective.params, epochs)
 
     def attempt(self, bs: int) -> engine.TrainResult:
         obj, trial = self.objective, self.trial
         self.noise_scale = []  # a halved attempt restarts from scratch
         self.own, self.rungs = {}, {}
-        run_cfg = apply_params(self.trial_cfg, {"trainer.batch_size": bs})
+        # A large batch takes few steps per epoch: batch_size.min_steps may give it more epochs.
+        epochs = batch_size.epochs_for(bs, len(obj.dataset.train), self.trial_cfg)
+        self.schedule(epochs)
+        self.curve = []
+        sized = {"trainer.batch_size": bs, "trainer.epochs": epochs}
+        run_cfg = apply_params(self.trial_cfg, sized)
         for name, factor in self.factors.items():
             base, source = lr_seed.seeded_lr(trial.study, run_cfg, obj.dataset, bs)
             run_cfg = apply_params(run_cfg, {name: base * factor})
@@ -295,6 +299,8 @@ class _TrialRun:
         self.noise_scale.append(metrics.get(NOISE_SCALE_KEY))
         if self.objective.tracker is not None:
             self.objective.tracker.log_epoch(epoch, metrics)
+        self.curve.append(curve_point(epoch, metrics))
+        trial.set_user_attr(trial_attrs.CURVE, self.curve)
         if self.objective.multi:
             return  # Optuna cannot report or prune a trial of several values: wandb has them
         if metric not in metrics:
@@ -335,6 +341,15 @@ class _TrialRun:
             h.detail,
             h.to_bs,
         )
+
+
+def curve_point(epoch: int, metrics: dict[str, float]) -> dict[str, float]:
+    """One point of a trial's validation curve: where the run stands and what it scores."""
+    point = {"epoch": float(epoch)}
+    point["steps"] = metrics.get(engine.TRAIN_STEPS, 0.0)
+    point["seconds"] = metrics.get(engine.TRAIN_SECONDS, 0.0)
+    point.update({k: round(v, 6) for k, v in metrics.items() if k.startswith("val/")})
+    return point
 
 
 def trial_summary(trial: optuna.Trial) -> dict[str, Any]:

@@ -354,7 +354,8 @@ def check_total(
     """The summary once the study holds its total (or the grid, the time or the budget ran
     out); else SweepStopped saying why and that the same command resumes it."""
     try:
-        summary = summarize(study, plan.n_trials, mask_url(str(cfg.study.storage)), plan.out_dir)
+        storage = mask_url(str(cfg.study.storage))
+        summary = summarize(study, cfg, plan.n_trials, storage, plan.out_dir)
         trials = study.get_trials(deepcopy=False)
     except STORAGE_ERRORS as exc:
         raise SweepStopped(

@@ -180,6 +180,18 @@ class DivergenceGuard(Callback):
             raise Diverged(f"smoothed loss {smooth:.3g} > {self.factor}x its start at {where}")
 
 
+def epochs_for(batch: int, n_train: int, cfg: DictConfig) -> int:
+    """Epochs of a trial at `batch`: cfg.trainer.epochs, raised until the run takes
+    cfg.batch_size.min_steps optimiser steps, but not above cfg.batch_size.max_epochs."""
+    epochs = int(cfg.trainer.epochs)
+    min_steps = int(cfg.batch_size.get("min_steps", 0) or 0)
+    if min_steps <= 0:
+        return epochs
+    per_epoch = max(math.ceil(n_train / batch), 1)
+    needed = min(math.ceil(min_steps / per_epoch), int(cfg.batch_size.max_epochs))
+    return max(epochs, needed)
+
+
 def learning_verdict(accuracy: float, labels: torch.Tensor) -> str | None:
     """None when a trained run's validation `accuracy` is above chance; else why it did not
     learn, one line. Chance is the accuracy of always answering the largest class; "above"

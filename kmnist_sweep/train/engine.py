@@ -34,6 +34,8 @@ from kmnist_sweep.train.noise_scale import NOISE_SCALE_KEY, NoiseScale
 from kmnist_sweep.train.views import class_probabilities, split_metrics
 
 EpochHook = Callable[[int, dict[str, float]], None]
+TRAIN_STEPS = "train/steps"  # per-epoch metric: optimiser steps so far
+TRAIN_SECONDS = "train/seconds"  # per-epoch metric: seconds in training phases so far
 
 
 # ---------------------------------------------------------------- device and precision
@@ -134,6 +136,7 @@ class EpochReport(Callback):
         self.echo = echo  # one line per epoch where fastai's bars would garble a log file
         self.train_seconds = 0.0  # seconds in training phases only (no validation)
         self.train_images = 0  # images trained on
+        self.train_steps = 0  # optimiser steps taken
 
     def before_train(self) -> None:
         self.started = time.perf_counter()
@@ -147,6 +150,7 @@ class EpochReport(Callback):
             elapsed -= self.noise.seconds - self.measuring
         self.train_seconds += elapsed
         self.train_images += int(self.learn.dls.train.n)
+        self.train_steps += int(self.learn.n_iter)
 
     def after_epoch(self) -> None:
         rec = self.learn.recorder
@@ -161,6 +165,9 @@ class EpochReport(Callback):
             metrics[metric_keys([name], "val")[0]] = float(values[name])
         if self.noise is not None and self.noise.values and self.noise.values[-1] is not None:
             metrics[NOISE_SCALE_KEY] = self.noise.values[-1]
+        # Where the run stands: what a validation curve is drawn against.
+        metrics[TRAIN_STEPS] = float(self.train_steps)
+        metrics[TRAIN_SECONDS] = round(self.train_seconds, 3)
         epoch = self.epoch_offset + self.learn.epoch + 1
         if self.echo:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
