@@ -172,6 +172,7 @@ def test_a_halved_size_is_shown_as_halved_never_as_its_own_answer(tmp_path: Path
         "data.image_size=16",
         "trainer.epochs=1",
         "++search_space.trainer.batch_size.high=128",
+        "batch_size.min_steps=0",
         "study.n_trials=3",
         "lr_finder.num_it=20",
         "+batch_size.inject_oom={above: 64, epoch: 1, step: 1}",

@@ -303,6 +303,7 @@ def test_two_workers_on_one_gpu_finish_a_study(tmp_path: Path, workers: tuple[st
         "data=synthetic",
         "data.n_train=2048",
         "trainer.epochs=2",
+        "batch_size.min_steps=0",
         "study.n_trials=6",
         "++search_space.trainer.batch_size.low=32",
         "++search_space.trainer.batch_size.high=1024",

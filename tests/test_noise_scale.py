@@ -107,6 +107,7 @@ def test_a_batch_size_sweep_records_the_noise_scale_of_every_epoch(tmp_path: Pat
         "data=synthetic",
         "data.image_size=16",
         f"trainer.epochs={epochs}",
+        "batch_size.min_steps=0",  # every size trains `epochs` epochs
         "study.n_trials=2",
         "study.report=false",
         "++search_space.trainer.batch_size.high=64",

@@ -57,6 +57,7 @@ SQLITE = f"sqlite:///storage/{NAME}.db"
 needs_pg = pytest.mark.skipif(not PG_URL, reason="KMNIST_SWEEP_PG_URL is not set")
 # The real objective on the in-memory synthetic set: trains ResNet-18 for a few seconds.
 REAL = ["+sweep=batchsize", "data=synthetic", "trainer.epochs=1", "tracking=disabled"]
+REAL += ["batch_size.min_steps=0"]  # one epoch per size, not the sweep's 100 steps
 REAL += ["study.report=false", "study.heartbeat_interval=1", "study.grace_period=3"]
 REAL += ["++search_space.trainer.lr=null"]  # the fixed trainer.lr, not the LR finder's
 
