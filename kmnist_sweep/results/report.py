@@ -134,7 +134,7 @@ def write_report(
             title = f"Confusion matrix ({split})"
             report.sections.append(Section(title, note=f"not drawn: {err}"))
     page = directory / "report.html"
-    chosen = None if sizes is None or sizes.pick is None else sizes.pick.trial  # shown as best
+    chosen = sizes.pick.trial if sizes is not None and sizes.pick else None  # shown as best
     page.write_text(render_html(study, report, scores, note, chosen), encoding="utf-8")
     return page
 
@@ -295,9 +295,8 @@ def render_html(
     except (ValueError, RuntimeError):  # no complete trial yet, or several objectives
         rows.extend(pareto.front_rows(study) or [("best trial", "none")])
     else:
-        direction = study.direction.name.lower()
         shown = "recommended trial" if chosen is not None else "best trial"
-        rows.append((shown, f"#{best.number}: {best.value:.6g} ({direction})"))
+        rows.append((shown, f"#{best.number}: {best.value:.6g} ({study.direction.name.lower()})"))
         rows.extend((f"best {name}", _format(value)) for name, value in best.params.items())
     # The note ("not the official protocol") goes next to every accuracy.
     rows.extend(
