@@ -18,6 +18,7 @@ import datetime
 import io
 import json
 import subprocess
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
@@ -194,7 +195,9 @@ def read_bundle(path: Path) -> Bundle:
     if raw_weights is None:
         raise UserError(f"{path}: damaged model bundle (no {WEIGHTS})")
     try:
-        state = torch.load(io.BytesIO(raw_weights), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of odd pickles in lines of its own
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(raw_weights), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors alike mean "not our weights"
         raise UserError(f"{path}: damaged model bundle ({WEIGHTS}: {error_line(exc)})") from None
     fields = {k: meta[k] for k in Bundle.__dataclass_fields__ if k in meta and k != "state"}
