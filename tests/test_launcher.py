@@ -127,7 +127,7 @@ def test_best_yaml_leaves_the_launcher_out() -> None:
             base = hydra_base_overrides(compose("config", overrides=user))
         finally:
             HydraConfig.instance().cfg = None  # type: ignore[assignment]
-    assert base == ["data=synthetic", "trainer.epochs=3"]
+    assert base == ["data=synthetic", "trainer.epochs=3", "batch_size.min_steps=100"]
 
 
 # --------------------------------------------------------------------------- jobs

@@ -211,6 +211,7 @@ def test_a_run_restarted_at_a_halved_batch_is_judged_on_its_own_reports(tmp_path
         "+sweep=batchsize",
         "data=synthetic",
         "trainer.epochs=3",
+        "batch_size.min_steps=0",
         "study.n_trials=1",
         "study.pruner.type=halving",
         "study.report=false",

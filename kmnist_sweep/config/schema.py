@@ -280,7 +280,7 @@ SCHEMA: dict[str, Key] = {
         "percent of finished trials' values a trial must stay in", 0, 100
     ),
     "study.pruner.min_resource": _int("epochs every trial gets", 1),
-    "study.pruner.max_resource": _int("epochs of a trial never stopped", 1),
+    "study.pruner.max_resource": _int("epochs of a trial never stopped", 0),
     "study.pruner.reduction_factor": _int("1 in this many trials go on at each rung", 2),
     "study.workers": Key(
         "custom", "processes", custom=_auto_or_count, accepts="auto or an integer >= 1"
