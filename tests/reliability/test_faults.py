@@ -149,18 +149,7 @@ def test_sigkill_of_a_worker_mid_trial_is_retried(tmp_path: Path) -> None:
     wait_until(finished_at_least(url, NAME, 2), 180, "2 finished trials", sweep)
     # Kill a worker whose trial is mid-way (it reported an epoch); which trial died is read
     # after the kill, since the worker may have moved on to its next trial meanwhile.
-    killed = None
-    while killed is None:
-        for t in load(url, NAME).trials:
-            worker = t.user_attrs.get("worker")
-            if t.state != TrialState.RUNNING or not t.intermediate_values or worker is None:
-                continue
-            pid = _worker_pid(sweep, str(worker))
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
-                killed = str(worker)
-                break
-        time.sleep(0.05)
+    killed, _ = _signal_a_worker_mid_trial(sweep, url, signal.SIGKILL)
     assert sweep.wait() == 0, sweep.stderr
     study = load(url, NAME)
     assert_consistent(study, n)
@@ -188,19 +177,7 @@ def test_a_worker_paused_past_the_grace_period_goes_on(tmp_path: Path) -> None:
     sweep = Sweep(toy_args(f"study.n_trials={n}", "study.workers=2", sleep=0.3), tmp_path)
     url = sqlite(tmp_path)
     wait_until(finished_at_least(url, NAME, 2), 180, "2 finished trials", sweep)
-    paused = None
-    while paused is None:
-        for t in load(url, NAME).trials:
-            worker = t.user_attrs.get("worker")
-            if t.state != TrialState.RUNNING or not t.intermediate_values or worker is None:
-                continue
-            pid = _worker_pid(sweep, str(worker))
-            if pid is not None:
-                os.kill(pid, signal.SIGSTOP)
-                paused = (str(worker), pid)
-                break
-        time.sleep(0.05)
-    index, pid = paused
+    index, pid = _signal_a_worker_mid_trial(sweep, url, signal.SIGSTOP)
     try:
         [victim] = [  # read once it is stopped: the trial it holds now
             t.number
@@ -253,6 +230,20 @@ def test_a_retry_whose_worker_died_before_its_first_heartbeat_is_retried(tmp_pat
     retries = [t for t in study.trials if t.system_attrs.get("retry_history") == [0, lost.number]]
     assert len(retries) == 1 and retries[0].params == done.params
     no_traceback(sweep)
+
+
+def _signal_a_worker_mid_trial(sweep: Sweep, url: str, sig: signal.Signals) -> tuple[str, int]:
+    """Send `sig` to a worker whose trial has reported an epoch: (its index, its pid)."""
+    while True:
+        for t in load(url, NAME).trials:
+            worker = t.user_attrs.get("worker")
+            if t.state != TrialState.RUNNING or not t.intermediate_values or worker is None:
+                continue
+            pid = _worker_pid(sweep, str(worker))
+            if pid is not None:
+                os.kill(pid, sig)
+                return str(worker), pid
+        time.sleep(0.05)
 
 
 def _worker_pid(sweep: Sweep, index: str) -> int | None:
