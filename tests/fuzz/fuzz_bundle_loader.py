@@ -14,9 +14,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-import tempfile
 import zipfile
-from pathlib import Path
 
 import atheris
 import torch
@@ -25,9 +23,9 @@ with atheris.instrument_imports(include=["kmnist_sweep"]):
     from kmnist_sweep.errors import UserError
     from kmnist_sweep.results.bundle import BUNDLE_JSON, WEIGHTS, load_model, read_bundle
 
+from tests.fuzz.harness import SHM, fuzz
 from tests.fuzz.seeds import bundle_seeds
 
-SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 TARGET = SHM / f"fuzz-bundle-{os.getpid()}.zip"  # read_bundle reads a path, as predict does
 
 
@@ -54,19 +52,13 @@ def test_one_input(data: bytes) -> None:
 
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
-    flags = [a for a in argv[1:] if a.startswith("-")]
-    given = [a for a in argv[1:] if not a.startswith("-")]
-    if not given:  # no corpus named: a temporary one
-        given = [tempfile.mkdtemp(prefix="fuzz-bundle-corpus-")]
-    corpus = Path(given[0])
-    if corpus.is_dir() and not any(corpus.iterdir()):  # an empty corpus starts from the seeds
-        for n, seed in enumerate(bundle_seeds(corpus.parent / f"{corpus.name}-work")):
-            (corpus / f"seed{n:02d}").write_bytes(seed)
-    try:
-        atheris.Setup([argv[0], *flags, *given], test_one_input)
-        atheris.Fuzz()
-    finally:
-        TARGET.unlink(missing_ok=True)
+    fuzz(
+        argv,
+        test_one_input,
+        lambda corpus: bundle_seeds(corpus.parent / f"{corpus.name}-work"),
+        TARGET,
+        "bundle",
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 import atheris
 
@@ -27,6 +25,7 @@ with atheris.instrument_imports(include=["kmnist_sweep", "PIL"]):
 
     Image.init()  # Pillow's format plugins, imported here to be instrumented too
 
+from tests.fuzz.harness import SHM, fuzz
 from tests.fuzz.seeds import image_seeds
 
 # The reader's pixel limit is Pillow's; fuzzed at 4 megapixels, not 89, so that an input
@@ -34,7 +33,6 @@ from tests.fuzz.seeds import image_seeds
 # The same checks run; tests/test_final_predict.py reads a 40000x2000 strip at full size.
 Image.MAX_IMAGE_PIXELS = images.MAX_PIXELS = 4_000_000
 
-SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 TARGET = SHM / f"fuzz-image-{os.getpid()}.png"  # read_image reads a path, as predict does
 
 
@@ -47,19 +45,7 @@ def test_one_input(data: bytes) -> None:
 
 
 def main(argv: list[str]) -> None:
-    flags = [a for a in argv[1:] if a.startswith("-")]
-    given = [a for a in argv[1:] if not a.startswith("-")]
-    if not given:  # no corpus named: a temporary one
-        given = [tempfile.mkdtemp(prefix="fuzz-image-corpus-")]
-    corpus = Path(given[0])
-    if corpus.is_dir() and not any(corpus.iterdir()):  # an empty corpus starts from the seeds
-        for n, seed in enumerate(image_seeds()):
-            (corpus / f"seed{n:02d}").write_bytes(seed)
-    try:
-        atheris.Setup([argv[0], *flags, *given], test_one_input)
-        atheris.Fuzz()
-    finally:
-        TARGET.unlink(missing_ok=True)
+    fuzz(argv, test_one_input, lambda corpus: image_seeds(), TARGET, "image")
 
 
 if __name__ == "__main__":
