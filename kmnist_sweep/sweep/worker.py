@@ -168,18 +168,21 @@ def work(
                     # Our trial was failed as stale while the storage was away; its retry
                     # stands in for it.
                     log.warning("%s; its retry replaces it", error_line(exc))
-                except (ValueError, AssertionError) as exc:
+                except Exception as exc:
                     # The same, seen by Optuna as it records our trial's end ("Cannot tell a
                     # FAIL trial", or its own assertion after that): this host was cut off
                     # long enough for other workers to fail the trial as stale.
-                    if not _failed_elsewhere(study, mine):
-                        raise
-                    log.warning(
-                        "trial %d was failed by another worker (%s); its retry replaces it",
-                        mine[-1],
-                        error_line(exc),
-                    )
-                except Exception as exc:
+                    if isinstance(exc, ValueError | AssertionError) and _failed_elsewhere(
+                        study, mine
+                    ):
+                        log.warning(
+                            "trial %d was failed by another worker (%s); its retry replaces it",
+                            mine[-1],
+                            error_line(exc),
+                        )
+                        continue
+                    # The storage lost: Optuna may say so with its own assertion ("Should
+                    # not reach") raised while it records the trial's end without a storage.
                     cause = storage_cause(exc)
                     if cause is None:
                         raise

@@ -495,7 +495,8 @@ def test_storage_lost_for_good_stops_cleanly_and_resumes(
     proxy.cut()
     before = finished(load(PG_URL, name))
     assert sweep.wait(timeout=120) == 1, sweep.stderr
-    assert last_line(sweep).startswith("kmnist_sweep: stopped: the storage did not answer for ")
+    stop = "kmnist_sweep: stopped: the storage did not answer for "
+    assert last_line(sweep).startswith(stop), sweep.stderr
     no_traceback(sweep)
     assert finished(load(PG_URL, name)) >= before  # nothing finished was lost
     proxy.restore()
