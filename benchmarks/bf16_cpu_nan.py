@@ -37,7 +37,7 @@ def main() -> None:
                 "data.n_train=4096",
                 "data.image_size=16",
                 "trainer.epochs=2",
-                "+batch_size.inject_oom={above: 128, epoch: 2, step: 3}",
+                "debug.inject_oom={above: 128, epoch: 2, step: 3}",
                 *args.overrides,
             ],
         )
@@ -45,9 +45,7 @@ def main() -> None:
 
     def run(bs: int) -> engine.TrainResult:
         learn = engine.build_learner(cfg, data, batch_size=bs)
-        return engine.train(
-            cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg.batch_size)
-        )
+        return engine.train(cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg))
 
     nans = 0
     for repeat in range(args.repeats):

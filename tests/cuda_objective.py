@@ -1,7 +1,7 @@
 """The real objective, recording where each trial trained: for the gpu tests whose workers
 share one GPU (tests/test_gpu.py).
 
-    study.objective=tests.cuda_objective:make_recording_objective
+    debug.objective=tests.cuda_objective:make_recording_objective
 
 Each finished trial gets the user attrs `device` (trainer.device as its worker got it),
 `cuda_visible_devices` (the worker's CUDA_VISIBLE_DEVICES) and `cuda_peak_bytes` (the most

@@ -46,7 +46,7 @@ TOY = "tests.toy_objective:make_toy_objective"
 EXISTING_STUDY = (
     "+sweep=lr",
     "data=synthetic",
-    f"study.objective={TOY}",
+    f"debug.objective={TOY}",
     "study.n_trials=2",
     "study.sampler.type=random",
 )

@@ -122,7 +122,7 @@ def test_injected_oom_in_real_training_halves_twice(
         "data.n_train=2304",
         "data.image_size=16",
         "trainer.epochs=2",
-        "+batch_size.inject_oom={above: 128, epoch: 2, step: 3}",
+        "debug.inject_oom={above: 128, epoch: 2, step: 3}",
     )
     data = load_dataset(cfg.data)
     attempts: list[int] = []
@@ -130,9 +130,7 @@ def test_injected_oom_in_real_training_halves_twice(
     def run(bs: int) -> engine.TrainResult:
         attempts.append(bs)
         learn = engine.build_learner(cfg, data, batch_size=bs)
-        return engine.train(
-            cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg.batch_size)
-        )
+        return engine.train(cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg))
 
     record = batch_size.Fallback(512)
     result = batch_size.fit_with_fallback(run, record, 16)
@@ -147,16 +145,14 @@ def test_huge_lr_diverges(compose_cfg: Callable[..., DictConfig]) -> None:
     data = load_dataset(cfg.data)
     learn = engine.build_learner(cfg, data, batch_size=32)
     with pytest.raises(batch_size.Diverged):
-        engine.train(cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg.batch_size))
+        engine.train(cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg))
 
 
 def test_guard_leaves_healthy_training_alone(compose_cfg: Callable[..., DictConfig]) -> None:
     cfg = compose_cfg("data=synthetic", "trainer.epochs=1")
     data = load_dataset(cfg.data)
     learn = engine.build_learner(cfg, data, batch_size=32)
-    result = engine.train(
-        cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg.batch_size)
-    )
+    result = engine.train(cfg, data, learn=learn, quiet=True, cbs=batch_size.guards(cfg))
     assert len(result.history) == 1
 
 
@@ -175,7 +171,7 @@ def test_a_halved_size_is_shown_as_halved_never_as_its_own_answer(tmp_path: Path
         "batch_size.min_steps=0",
         "study.n_trials=3",
         "lr_finder.num_it=20",
-        "+batch_size.inject_oom={above: 64, epoch: 1, step: 1}",
+        "debug.inject_oom={above: 64, epoch: 1, step: 1}",
         "tracking=disabled",
         cwd=tmp_path,
     )

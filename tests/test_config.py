@@ -37,7 +37,7 @@ def leaves(tree: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-DICT_VALUED = {"launcher.additional_parameters", "batch_size.inject_oom"}
+DICT_VALUED = {"launcher.additional_parameters", "debug.inject_oom"}
 
 
 def conf_keys() -> dict[str, list[Path]]:
@@ -101,6 +101,19 @@ def test_every_sweep_composes_and_checks(sweep: str, data: str) -> None:
             "trainer.batch_size=64 is outside batch_size.min=512 .. batch_size.max=4096",
         ),
         ("+trainer.lr_max=0.1", "trainer.lr_max: no such config key (did you mean 'trainer.lr'?)"),
+        ("debug.inject_oom=5", "debug.inject_oom=5 is not a mapping {above: images, epoch, step}"),
+        (
+            "debug.inject_oom={above: 64, step: 0}",
+            "debug.inject_oom.step=0 is not a whole number >= 1 or null",
+        ),
+        (
+            "debug.inject_oom={abve: 64}",
+            "debug.inject_oom.abve: no such key (one of above, epoch, step)",
+        ),
+        (
+            "+debug.objectve=a:b",
+            "debug.objectve: no such config key (did you mean 'debug.objective'?)",
+        ),
     ],
 )
 def test_bad_values_are_one_line_config_errors(override: str, message: str) -> None:

@@ -38,7 +38,7 @@ from tests.conftest import run_cli as cli
 TOY_STUDY = (
     "+sweep=lr",
     "data=synthetic",
-    "study.objective=tests.toy_objective:make_toy_objective",
+    "debug.objective=tests.toy_objective:make_toy_objective",
     "study.n_trials=3",
     "study.sampler.type=random",
     "study.pruner.type=none",
@@ -114,12 +114,17 @@ def test_a_study_from_before_test_views_and_ema_is_recorded_and_tested_as_then(
     tmp_path: Path,
 ) -> None:
     """A sweep's config.yaml written before trainer.test_views and trainer.ema existed: final
-    records no weight average and tests one view, as the study's trials ran."""
+    records no weight average and tests one view, as the study's trials ran. It also predates
+    the debug group, whose switches then sat in the study, batch_size and launcher groups."""
     made = cli(*TOY_STUDY, cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-3000:]
     snapshot = tmp_path / "sweeps/lr-synthetic/config.yaml"
     old = yaml.safe_load(snapshot.read_text())
     del old["trainer"]["test_views"], old["trainer"]["ema"]
+    debug = old.pop("debug")
+    old["study"]["objective"] = debug["objective"]
+    old["batch_size"]["inject_oom"] = debug["inject_oom"]
+    old["launcher"]["executor"] = debug["executor"]
     snapshot.write_text(yaml.safe_dump(old))
     out = cli("final", "sweeps/lr-synthetic", "trainer.epochs=1", "data.n_test=32", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -308,7 +308,7 @@ def test_two_workers_on_one_gpu_finish_a_study(tmp_path: Path, workers: tuple[st
         "++search_space.trainer.batch_size.low=32",
         "++search_space.trainer.batch_size.high=1024",
         "tracking=disabled",
-        "study.objective=tests.cuda_objective:make_recording_objective",
+        "debug.objective=tests.cuda_objective:make_recording_objective",
         *workers,
         cwd=tmp_path,
     )

@@ -30,7 +30,7 @@ from tests.test_runner import PG_URL, REPO, load
 
 LAUNCHERS = sorted(p.stem for p in (REPO / "conf" / "launcher").glob("*.yaml"))
 toy_cfg = test_runner.toy_cfg  # the fixture: a toy-objective config, its PG study deleted after
-LOCAL_JOBS = ("launcher=slurm", "launcher.executor=local")  # submitit's LocalExecutor
+LOCAL_JOBS = ("launcher=slurm", "debug.executor=local")  # submitit's LocalExecutor
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)
@@ -93,7 +93,7 @@ def test_slurm_parameters_reach_the_sbatch_script(
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("launcher.executor=pbs", "launcher.executor='pbs' is not one of slurm, local"),
+        ("debug.executor=pbs", "debug.executor='pbs' is not one of slurm, local"),
         ("launcher.jobs=0", "launcher.jobs=0 is not a whole number >= 1"),
         ("launcher.jobs=many", "launcher.jobs='many' is not a whole number >= 1"),
         ("launcher.gpus_per_job=-1", "launcher.gpus_per_job=-1 is not a whole number >= 0"),
@@ -109,18 +109,20 @@ def test_bad_launcher_config_is_one_line(compose_cfg: Any, override: str, messag
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has SLURM")
 def test_slurm_executor_without_slurm_is_one_line(compose_cfg: Any) -> None:
     with pytest.raises(ConfigError, match="no SLURM here .srun not found.; .*executor=local"):
-        launcher.check(compose_cfg("launcher=slurm").launcher)
+        launcher.check(compose_cfg("launcher=slurm"))
 
 
 def test_without_submitit_is_one_line(compose_cfg: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"^launcher=slurm needs submitit: pip install"):
-        launcher.check(compose_cfg(*LOCAL_JOBS).launcher)
+        launcher.check(compose_cfg(*LOCAL_JOBS))
 
 
-def test_best_yaml_leaves_the_launcher_out() -> None:
-    """The retrain command in best.yaml needs no launcher: it trains once."""
+def test_best_yaml_leaves_the_launcher_and_debug_switches_out() -> None:
+    """The retrain command in best.yaml needs no launcher: it trains once, without the test
+    switches of the debug group."""
     user = ["+sweep=batchsize", "data=synthetic", "launcher=slurm", "launcher.jobs=8"]
+    user += [*LOCAL_JOBS[1:], "debug.inject_oom={above: 64}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         HydraConfig.instance().set_config(compose("config", user, return_hydra_config=True))
         try:

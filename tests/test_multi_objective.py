@@ -114,7 +114,7 @@ def two_objective_toy(*extra: str, sweep: str = "full") -> DictConfig:
     overrides = [
         f"+sweep={sweep}",
         "data=synthetic",
-        f"study.objective={TOY}",
+        f"debug.objective={TOY}",
         "study.sampler.type=random",
         *TWO,
         "study.pruner.type=none",

@@ -41,7 +41,7 @@ def test_injected_oom_trial_completes_at_128_with_two_halvings(
         "data.n_train=2304",  # 2,074 training images: 4 steps at batch 512, so step 3 exists
         "data.image_size=16",
         "+search_space={trainer.batch_size: {type: pow2, low: 512, high: 512}}",
-        "+batch_size.inject_oom={above: 128, epoch: 2, step: 3}",
+        "debug.inject_oom={above: 128, epoch: 2, step: 3}",
     )
     study = optuna.create_study(direction="maximize")
     study.optimize(make_objective(cfg), n_trials=1)
@@ -218,7 +218,7 @@ def test_a_run_restarted_at_a_halved_batch_is_judged_on_its_own_reports(tmp_path
         "++search_space.trainer.batch_size.low=64",
         "++search_space.trainer.batch_size.high=64",
         "++search_space.trainer.lr=null",
-        "+batch_size.inject_oom={above: 32, epoch: 3, step: 1}",
+        "debug.inject_oom={above: 32, epoch: 3, step: 1}",
         "tracking=offline",
         cwd=tmp_path,
         env={"WANDB_MODE": "offline", "WANDB_API_KEY": API_KEY},

@@ -71,7 +71,7 @@ def toy_cfg(
     ) -> DictConfig:
         base = [
             "data=synthetic",
-            f"study.objective={TOY}",
+            f"debug.objective={TOY}",
             "study.sampler.type=random",
             "study.heartbeat_interval=1",
             "study.grace_period=2",
@@ -168,7 +168,7 @@ def test_outputs_config_trials_and_best(toy_cfg: Any) -> None:
 
 def test_best_yaml_overrides_rebuild_the_best_config(toy_cfg: Any) -> None:
     """best.yaml's overrides, given to python -m kmnist_sweep, compose the best trial's config."""
-    user = ["+sweep=batchsize", "data=synthetic", "trainer.lr=0.01", f"study.objective={TOY}"]
+    user = ["+sweep=batchsize", "data=synthetic", "trainer.lr=0.01", f"debug.objective={TOY}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         full = compose("config", overrides=user, return_hydra_config=True)
         HydraConfig.instance().set_config(full)

@@ -67,7 +67,7 @@ def test_a_trial_that_halved_and_was_pruned_keeps_its_batch_record(
         "trainer.epochs=3",
         "data.n_train=512",
         "+search_space={trainer.batch_size: {type: pow2, low: 128, high: 128}}",
-        "+batch_size.inject_oom={above: 64, epoch: 1, step: 2}",
+        "debug.inject_oom={above: 64, epoch: 1, step: 2}",
     )
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     study = optuna.create_study(direction="maximize", pruner=pruner)
@@ -114,7 +114,7 @@ def test_the_failed_attempt_is_freed_before_the_retry_starts(
         "data=synthetic",
         "data.n_train=512",
         "trainer.epochs=1",
-        "+batch_size.inject_oom={above: 64, epoch: 1, step: 2}",
+        "debug.inject_oom={above: 64, epoch: 1, step: 2}",
     )
     data = load_dataset(cfg.data)
     models: list[weakref.ref[torch.nn.Module]] = []
@@ -127,7 +127,7 @@ def test_the_failed_attempt_is_freed_before_the_retry_starts(
         # forward pass leaves its region entered, and it must not reach the retry.
         learn.add_cb(engine.Autocast("cpu"))
         return engine.train(
-            cfg, data, learn=learn, quiet=True, cbs=[watch, *batch_size.guards(cfg.batch_size)]
+            cfg, data, learn=learn, quiet=True, cbs=[watch, *batch_size.guards(cfg)]
         )
 
     record = batch_size.Fallback(128)

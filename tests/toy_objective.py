@@ -1,6 +1,6 @@
 """A cheap stand-in for kmnist_sweep.sweep.objective: same shape, no data, no training.
 
-Point a study at it with `study.objective=tests.toy_objective:make_toy_objective`. A `toy:`
+Point a study at it with `debug.objective=tests.toy_objective:make_toy_objective`. A `toy:`
 section in the config tunes it (all optional):
 
     toy:

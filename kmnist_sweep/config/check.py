@@ -24,7 +24,7 @@ from kmnist_sweep.config.search_space import Param, parse_space, pow2_exponents
 from kmnist_sweep.errors import ConfigError
 
 # Keys whose value is a mapping of the user's own: its entries are not config keys.
-DICT_VALUED = {"launcher.additional_parameters", "batch_size.inject_oom"}
+DICT_VALUED = {"launcher.additional_parameters", "debug.inject_oom"}
 
 _ABSENT = object()
 

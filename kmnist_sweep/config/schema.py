@@ -234,10 +234,8 @@ SCHEMA: dict[str, Key] = {
     "batch_size.min_steps": _int("optimiser steps per trial, fewest (0: off)", 0),
     "batch_size.max_epochs": _int("epochs a trial is raised to, most", 1),
     "batch_size.target": _float("validation metric value", nullable=True),
-    "batch_size.inject_oom": Key("mapping", "{above: images, epoch, step}", nullable=True),
     # study:
     "study.name": _text("study name in the storage"),
-    "study.objective": _text("module:function building the objective"),
     "study.direction": _choice("direction", "maximize", "minimize"),
     "study.metric": _text("metric key, e.g. val/acc"),
     "study.directions": Key(
@@ -303,7 +301,6 @@ SCHEMA: dict[str, Key] = {
     # launcher:
     "launcher.name": _choice("launcher", "local", "slurm"),
     "launcher.max_worker_restarts": _int("worker processes", 0),
-    "launcher.executor": _choice("submitit cluster", "slurm", "local"),
     "launcher.jobs": _int("worker jobs", 1),
     "launcher.gpus_per_job": _int("GPUs per job", 0),
     "launcher.cpus_per_task": _int("CPU cores per job", 1, nullable=True),
@@ -316,11 +313,30 @@ SCHEMA: dict[str, Key] = {
     "launcher.additional_parameters": Key("mapping", "other sbatch options"),
     "launcher.job_name": _text("job name"),
     "launcher.folder": _text("folder of job scripts and logs"),
+    # debug: for tests and diagnosis, not for sweeps.
+    "debug.inject_oom": Key(
+        "custom",
+        "{above: images, epoch, step}",
+        custom=lambda k, v: _oom_injection(k, v),
+        accepts="null or {above: whole number >= 0, epoch, step: whole number >= 1 or null}",
+    ),
+    "debug.executor": _choice("submitit cluster", "slurm", "local"),
+    "debug.objective": _text("module:function building the objective"),
 }
 
 # Sections whose keys a plug-in objective may add (e.g. the test suite's `toy:`) are not
 # ours to check; these are, key by key.
-SECTIONS = ("data", "model", "trainer", "lr_finder", "batch_size", "study", "tracking", "launcher")
+SECTIONS = (
+    "data",
+    "model",
+    "trainer",
+    "lr_finder",
+    "batch_size",
+    "study",
+    "tracking",
+    "launcher",
+    "debug",
+)
 FREE_FORM = ("search_space", "hydra")  # checked by config/search_space.py, or Hydra's own
 
 
@@ -328,3 +344,24 @@ def _auto_bool(key: str, value: Any) -> Any:
     if value == "auto" or isinstance(value, bool):
         return value
     raise ConfigError(f"{key}={value!r} is not auto, true or false")
+
+
+OOM_PARTS = ("above", "epoch", "step")
+
+
+def _oom_injection(key: str, value: Any) -> Any:
+    """null, or where to fake running out of memory: batches above `above` images, at a
+    1-based epoch and step (either null: a random one)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict | DictConfig):
+        raise ConfigError(f"{key}={value!r} is not a mapping {{above: images, epoch, step}}")
+    for part in map(str, value):
+        if part not in OOM_PARTS:
+            raise ConfigError(f"{key}.{part}: no such key (one of {', '.join(OOM_PARTS)})")
+    if value.get("above") is None:
+        raise ConfigError(f"{key} needs above: the batch size (images) above which it fires")
+    check_number(f"{key}.above", value["above"], whole=True, low=0)
+    for part in OOM_PARTS[1:]:
+        check_number(f"{key}.{part}", value.get(part), whole=True, low=1, nullable=True)
+    return value

@@ -114,6 +114,11 @@ def trial_values(t: FrozenTrial) -> dict[str, Any]:
     return values
 
 
+# Top-level sections that are not part of a trial's recipe: a retrain trains once, as the
+# user runs it (no study, launcher, or test switches such as an injected out-of-memory).
+NOT_RECIPE = ("study", "search_space", "hydra", "launcher", "debug")
+
+
 def hydra_base_overrides(cfg: DictConfig) -> list[str]:
     """Overrides that rebuild this config without the sweep: the command line's own, plus
     every value the sweep file set outside study/search_space (e.g. trainer.epochs=3)."""
@@ -137,7 +142,7 @@ def hydra_base_overrides(cfg: DictConfig) -> list[str]:
 
 def _is_sweep_override(override: str) -> bool:
     key = override.lstrip("+~").split("=", 1)[0]
-    return key == "sweep" or key.split(".")[0] in ("study", "search_space", "hydra", "launcher")
+    return key == "sweep" or key.split(".")[0] in NOT_RECIPE
 
 
 def _leaf_diff(reference: DictConfig, cfg: DictConfig) -> list[tuple[str, Any]]:
@@ -149,7 +154,7 @@ def _leaf_diff(reference: DictConfig, cfg: DictConfig) -> list[tuple[str, Any]]:
     def walk(a: Any, b: Any, prefix: str) -> None:
         for key, value in b.items():
             name = f"{prefix}{key}"
-            if not prefix and key in ("study", "search_space", "hydra", "launcher"):
+            if not prefix and key in NOT_RECIPE:
                 continue
             if isinstance(value, dict) and isinstance(a.get(key), dict):
                 walk(a[key], value, f"{name}.")

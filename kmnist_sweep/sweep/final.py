@@ -229,6 +229,10 @@ def study_trial(cfg: DictConfig, number: int, storage: str | None) -> Chosen:
     return Chosen(number, trial_values(chosen), chosen.value)
 
 
+# Where the debug group's switches were before it existed; a final fit reads none of them.
+OLD_DEBUG_KEYS = (("study", "objective"), ("batch_size", "inject_oom"), ("launcher", "executor"))
+
+
 def final_config(base: DictConfig, values: dict[str, Any], overrides: Sequence[str]) -> DictConfig:
     """The sweep's config with the trial's values and the command line's `key=value`s set,
     checked once (the same check pass as every run)."""
@@ -238,6 +242,9 @@ def final_config(base: DictConfig, values: dict[str, Any], overrides: Sequence[s
         cfg.trainer.test_views = 1  # a study from before the key: tested as then, one view
     if "ema" not in cfg.trainer:
         cfg.trainer.ema = 0  # a study from before the key: recorded as it ran, no average
+    for section, key in OLD_DEBUG_KEYS:  # a study from before the debug group
+        if isinstance(cfg.get(section), DictConfig):
+            cfg[section].pop(key, None)
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as exc:

@@ -291,7 +291,7 @@ class _TrialRun:
             obj.dataset,
             self.report,
             quiet=True,
-            cbs=batch_size.guards(obj.cfg.batch_size),
+            cbs=batch_size.guards(obj.cfg),
         )
 
     def report(self, epoch: int, metrics: dict[str, float]) -> None:

@@ -1,4 +1,4 @@
-"""What the sweep needs from an objective, and how it finds one (`study.objective`).
+"""What the sweep needs from an objective, and how it finds one (`debug.objective`).
 
     factory = load_factory("kmnist_sweep.sweep.objective:make_objective")
     objective = as_sweep_objective(factory(cfg))
@@ -73,23 +73,23 @@ def as_sweep_objective(made: Any) -> SweepObjective:
         return made
     if callable(made):
         return FunctionObjective(made)
-    raise ConfigError(f"study.objective returned {type(made).__name__}, not an objective")
+    raise ConfigError(f"debug.objective returned {type(made).__name__}, not an objective")
 
 
 def load_factory(path: str) -> Factory:
-    """`package.module:function` -> the function (study.objective in the config)."""
+    """`package.module:function` -> the function (debug.objective in the config)."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"study.objective={path!r} must look like package.module:function")
+        raise ConfigError(f"debug.objective={path!r} must look like package.module:function")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(
-            f"study.objective={path!r}: cannot import {module_name}: {exc}"
+            f"debug.objective={path!r}: cannot import {module_name}: {exc}"
         ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ConfigError(f"study.objective={path!r}: {module_name} has no function {attr}")
+        raise ConfigError(f"debug.objective={path!r}: {module_name} has no function {attr}")
     return cast(Factory, factory)
 
 

@@ -90,7 +90,7 @@ def run_sweep(
     or, with `study.budget`, plan trials until the budget allows only the final fit, then
     fit and bundle the answer.
 
-    `objective_factory(cfg)` builds the objective (by default the one `study.objective`
+    `objective_factory(cfg)` builds the objective (by default the one `debug.objective`
     names). `base_overrides` are the command-line overrides best.yaml repeats (default:
     from Hydra's runtime config when there is one). `started`: when the command started
     (Unix time), where a budget's clock starts (default: now). `final_fit`: `final`'s
@@ -195,16 +195,16 @@ def plan_sweep(cfg: DictConfig, objective_factory: Factory | None) -> Plan:
     params = check_config(cfg)
     if not params:
         raise ConfigError("search_space is empty: pick a sweep, e.g. +sweep=batchsize")
-    jobs = slurm.check(cfg.launcher) if _on_slurm(cfg) else None
+    jobs = slurm.check(cfg) if _on_slurm(cfg) else None
     devices: list[str | None] = local.worker_devices(cfg) if jobs is None else []
     if objective_factory is None:
-        objective_path: str | None = str(study_cfg.objective)
+        objective_path: str | None = str(cfg.debug.objective)
         factory = load_factory(str(objective_path))
     else:
         objective_path, factory = factory_path(objective_factory), objective_factory
     if objective_path is None and (len(devices) > 1 or jobs is not None):
         raise ConfigError(
-            "worker processes need an importable objective factory: set study.objective"
+            "worker processes need an importable objective factory: set debug.objective"
         )
     if jobs is None and not local.visible_gpus(str(cfg.trainer.device)):
         warning = cpu_cost_warning(cfg, params)

@@ -7,7 +7,7 @@ Why not Hydra's submitit launcher plugin: it runs one job per config of a multir
 study wants N identical workers that share its storage and take trials from it until the
 total is reached. Each job runs `worker.worker_run`, the loop of the runner's local worker
 processes, so a job that dies costs only its running trial (failed by heartbeat, retried by
-another worker). `executor: local` is submitit's LocalExecutor: the same job code, run as
+another worker). `debug.executor=local` is submitit's LocalExecutor: the same job code, run as
 processes on this machine. Job states come from `squeue` and the jobs' result files, not
 `sacct`, which needs SLURM's accounting database (slurmdbd) that many clusters lack.
 """
@@ -43,16 +43,16 @@ log = logging.getLogger(__name__)
 SLURM_OPTIONS = ("partition", "account", "qos", "constraint")  # null = the cluster's default
 
 
-def check(launcher_cfg: DictConfig) -> int:
+def check(cfg: DictConfig) -> int:
     """The number of worker jobs, once this machine can submit them: submitit installed, and
-    SLURM here for `executor: slurm` (the values were checked with the whole config)."""
-    executor = str(launcher_cfg.executor)
-    jobs = int(launcher_cfg.jobs)
+    SLURM here for `debug.executor=slurm` (the values were checked with the whole config)."""
+    executor = str(cfg.debug.executor)
+    jobs = int(cfg.launcher.jobs)
     submitit = _import_submitit()
     if executor == "slurm" and submitit.SlurmExecutor.affinity() <= 0:
         raise ConfigError(
-            "launcher.executor=slurm: no SLURM here (srun not found); run this on a login "
-            "node, or set launcher.executor=local to run the jobs on this machine"
+            "launcher=slurm: no SLURM here (srun not found); run this on a login node, or "
+            "set debug.executor=local to run the jobs on this machine"
         )
     return jobs
 
@@ -84,9 +84,9 @@ def slurm_parameters(launcher_cfg: DictConfig) -> dict[str, Any]:
 def submit_workers(cfg: DictConfig, payload: dict[str, Any]) -> list[Job[None]]:
     """Submit `launcher.jobs` jobs; job i runs worker i (sampler seed + i) of the payload."""
     launcher_cfg = cfg.launcher
-    count = check(launcher_cfg)
-    executor = _make_executor(launcher_cfg)
-    local = str(launcher_cfg.executor) == "local"
+    count = check(cfg)
+    executor = _make_executor(launcher_cfg, str(cfg.debug.executor))
+    local = str(cfg.debug.executor) == "local"
     # Jobs import this package and the objective's module from where this process did; local
     # jobs share this machine's cores (OMP_NUM_THREADS), cluster jobs have their own.
     env = worker_env(str(payload["objective"]), count if local else 1)
@@ -95,7 +95,7 @@ def submit_workers(cfg: DictConfig, payload: dict[str, Any]) -> list[Job[None]]:
     log.info(
         "submitted %d worker job(s) (%s): %s; logs in %s",
         count,
-        launcher_cfg.executor,
+        cfg.debug.executor,
         " ".join(job.job_id for job in jobs),
         executor.folder,
     )
@@ -226,12 +226,12 @@ def _wait_done(jobs: Sequence[Job[None]], seconds: float) -> None:
         time.sleep(0.5)
 
 
-def _make_executor(launcher_cfg: DictConfig) -> AutoExecutor:
+def _make_executor(launcher_cfg: DictConfig, cluster: str) -> AutoExecutor:
     submitit = _import_submitit()
     folder = Path(str(launcher_cfg.folder))
     if not folder.exists():  # job pickles hold the resolved config, storage URL included
         folder.mkdir(parents=True, mode=0o700)
-    executor = submitit.AutoExecutor(folder=folder, cluster=str(launcher_cfg.executor))
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     try:
         executor.update_parameters(**slurm_parameters(launcher_cfg))
     except (AssertionError, NameError, TypeError, ValueError) as exc:

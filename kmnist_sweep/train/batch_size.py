@@ -258,9 +258,9 @@ class InjectOOM(Callback):
 
 
 def guards(cfg: DictConfig) -> list[Callback]:
-    """The callbacks cfg.batch_size asks for on every training run."""
-    cbs: list[Callback] = [DivergenceGuard(float(cfg.diverge_factor))]
-    inject = cfg.get("inject_oom")
+    """The callbacks the config asks for on every training run (`debug.inject_oom`: tests)."""
+    cbs: list[Callback] = [DivergenceGuard(float(cfg.batch_size.diverge_factor))]
+    inject = cfg.debug.inject_oom
     if inject:
         epoch, step = inject.get("epoch"), inject.get("step")
         cbs.append(

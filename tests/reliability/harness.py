@@ -33,7 +33,7 @@ def toy_args(*extra: str, epochs: int = 3, sleep: float = 0.05) -> list[str]:
     return [
         "+sweep=batchsize",
         "data=synthetic",
-        f"study.objective={TOY}",
+        f"debug.objective={TOY}",
         "study.sampler.type=random",
         "study.heartbeat_interval=1",
         "study.grace_period=3",

@@ -303,7 +303,7 @@ def test_out_of_memory_at_random_steps_every_trial_completes_at_a_halved_batch(
         "study.sampler.type=random",
         "++search_space.trainer.batch_size.low=64",
         "++search_space.trainer.batch_size.high=256",
-        "batch_size.inject_oom={above: 32}",  # every batch above 32 "runs out" at a random step
+        "debug.inject_oom={above: 32}",  # every batch above 32 "runs out" at a random step
     ]
     sweep = run(args, tmp_path)
     assert sweep.proc.returncode == 0, sweep.stderr
