@@ -1,6 +1,6 @@
 """Does bf16 autocast training on this CPU give NaN losses? Run by hand, never in tests.
 
-Repeats, in one process, the batch-fallback run of tests/test_batch_size.py (resnet18 on
+Repeats, in one process, the batch-fallback run of tests/train/test_batch_size.py (resnet18 on
 4096 synthetic 16x16 images, 2 epochs, batch 512 with an out-of-memory injected at epoch 2
 step 3 above batch 128, so each repeat trains at 512, 256 and 128) and prints each repeat's
 halvings: a `diverged` one is a NaN loss. Why `trainer.precision: auto` is fp32 on CPUs.

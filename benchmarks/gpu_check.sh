@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CUDA check in one run of at most 8 minutes on one GPU: the tests in tests/test_gpu.py
+# Every CUDA check in one run of at most 8 minutes on one GPU: the tests in tests/train/test_gpu.py
 # (the `gpu` ones run for real) and benchmark part 3 (benchmarks/gpu.py). Every figure and
 # the test outcome land in $OUT/gpu_figures.md; the full logs beside it.
 #
@@ -61,11 +61,11 @@ fi
 # 2. The tests: on a GPU the `gpu` ones run (and may not skip: see the summary line below).
 tests_limit=170 bench_limit=250 bench_args=(--budget-s 225)
 [[ $dry == 1 ]] && tests_limit=400 bench_limit=900 bench_args=(--tiny --budget-s 800)
-step "tests/test_gpu.py" $tests_limit "$OUT/gpu_tests.log" python3 -m pytest -q -rs \
-  -p no:cacheprovider tests/test_gpu.py --junitxml "$OUT/gpu_tests.xml"
+step "tests/train/test_gpu.py" $tests_limit "$OUT/gpu_tests.log" python3 -m pytest -q -rs \
+  -p no:cacheprovider tests/train/test_gpu.py --junitxml "$OUT/gpu_tests.xml"
 {
   echo
-  echo "## tests/test_gpu.py"
+  echo "## tests/train/test_gpu.py"
   echo
   grep -E "^(SKIPPED|FAILED|ERROR)|(passed|failed|error|skipped)( in |,)" "$OUT/gpu_tests.log" | sed 's/^/    /'
 } >>"$figures"

@@ -1,5 +1,5 @@
 """The real objective, recording where each trial trained: for the gpu tests whose workers
-share one GPU (tests/test_gpu.py).
+share one GPU (tests/train/test_gpu.py).
 
     debug.objective=tests.cuda_objective:make_recording_objective
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from kmnist_sweep.cli import COMMANDS
 from tests.conftest import run_cli
-from tests.test_tracking import API_KEY, history, offline_runs, run_config
+from tests.results.test_tracking import API_KEY, history, offline_runs, run_config
 
 
 def cli(

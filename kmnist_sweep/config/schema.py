@@ -2,7 +2,7 @@
 config against this table, once, before any work starts.
 
 The YAML files say what a key is set to; this file says what it may be. A key in conf/
-without a row here fails the schema test (tests/test_config.py), and so does a row whose
+without a row here fails the schema test (tests/config/test_config.py), and so does a row whose
 key no conf/ file sets.
 """
 

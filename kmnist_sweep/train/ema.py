@@ -5,7 +5,7 @@ While one-cycle's LR is high the weights jump from step to step, and their runni
 sits nearer the valley they circle, so trials are judged nearer where they will end. By the
 last epoch the LR has annealed and the average has nothing left to smooth: the last epoch
 validates the trained weights, and they are the model a run keeps. Training never reads the
-average (tests/test_ema.py).
+average (tests/train/test_ema.py).
 
 The decay after n steps is min(trainer.ema, (1 + n) / (10 + n)), the warm-up of TensorFlow's
 ExponentialMovingAverage: early on the average forgets its random start fast. Batch-norm

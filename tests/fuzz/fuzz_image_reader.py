@@ -30,7 +30,7 @@ from tests.fuzz.seeds import image_seeds
 
 # The reader's pixel limit is Pillow's; fuzzed at 4 megapixels, not 89, so that an input
 # declaring a large image costs milliseconds, not seconds, and a million inputs fit an hour.
-# The same checks run; tests/test_final_predict.py reads a 40000x2000 strip at full size.
+# The same checks run; tests/results/test_final_predict.py reads a 40000x2000 strip at full size.
 Image.MAX_IMAGE_PIXELS = images.MAX_PIXELS = 4_000_000
 
 TARGET = SHM / f"fuzz-image-{os.getpid()}.png"  # read_image reads a path, as predict does

@@ -24,7 +24,7 @@ from kmnist_sweep.sweep.runner import run_sweep
 from kmnist_sweep.sweep.storage import open_storage
 from tests.conftest import run_cli as cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOY = "tests.toy_objective:make_toy_objective"
 TWO = ("study.directions=[maximize,minimize]", "study.metrics=[val/acc,speed/train_s]")
 PNG = b"\x89PNG\r\n\x1a\n"

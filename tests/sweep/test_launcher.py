@@ -25,8 +25,8 @@ from kmnist_sweep.errors import ConfigError, SweepStopped
 from kmnist_sweep.results.outputs import hydra_base_overrides
 from kmnist_sweep.sweep import slurm as launcher
 from kmnist_sweep.sweep.runner import run_sweep
-from tests import test_runner
-from tests.test_runner import PG_URL, REPO, load
+from tests.sweep import test_runner
+from tests.sweep.test_runner import PG_URL, REPO, load
 
 LAUNCHERS = sorted(p.stem for p in (REPO / "conf" / "launcher").glob("*.yaml"))
 toy_cfg = test_runner.toy_cfg  # the fixture: a toy-objective config, its PG study deleted after

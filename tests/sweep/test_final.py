@@ -2,7 +2,7 @@
 
 A cheap study (the toy objective: no training) gives the trials; `final` then really trains
 trial N's config on synthetic data for one epoch. The accuracy checks on real characters are
-in tests/test_final_predict.py (slow).
+in tests/results/test_final_predict.py (slow).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from kmnist_sweep.data import contract, datasets, download, formats, splits
 from kmnist_sweep.data.datasets import Dataset, load_dataset
 from kmnist_sweep.errors import DataError
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 CONF = PROJECT / "conf" / "data"
 REAL = PROJECT.parent / "shared" / "data" / "kmnist"
 # The official md5s, as /work/shared/data/README.md lists them for the files kept there.
@@ -442,7 +442,7 @@ def test_unusable_kkanji_tar(tmp_path: Path, kind: str) -> None:
 
 
 def test_bad_config_values_are_one_line_errors(tmp_path: Path) -> None:
-    """Values are the config check's (tests/test_config.py); a data config missing a key,
+    """Values are the config check's (tests/config/test_config.py); a data config missing a key,
     as a hand-built one can, is still one line."""
     cfg = data_cfg("synthetic")
     del cfg["n_test"]

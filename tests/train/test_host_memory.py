@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Frees 3 x 16 MiB from the top of the heap and allocates them again (a fresh process's
 # adaptive trim threshold lies below 48 MiB, so glibc hands them back): the page faults of

@@ -20,7 +20,7 @@ from kmnist_sweep.config.search_space import (
 from kmnist_sweep.errors import ConfigError
 from kmnist_sweep.sweep.study import config_point
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SWEEPS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
 
 

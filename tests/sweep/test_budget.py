@@ -30,8 +30,8 @@ from kmnist_sweep.sweep.budget import (
 )
 from kmnist_sweep.sweep.budgeted import Budget
 from kmnist_sweep.sweep.worker import work
+from tests.config.test_config import compose_cfg
 from tests.conftest import run_cli
-from tests.test_config import compose_cfg
 
 
 def trial(

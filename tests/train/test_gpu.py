@@ -39,9 +39,9 @@ from kmnist_sweep.sweep.local import worker_payload
 from kmnist_sweep.sweep.objective import make_objective
 from kmnist_sweep.sweep.runner import run_sweep
 from kmnist_sweep.train import batch_size, engine
-from tests import test_runner
 from tests.conftest import run_cli
-from tests.test_runner import load
+from tests.sweep import test_runner
+from tests.sweep.test_runner import load
 
 toy_cfg = test_runner.toy_cfg  # the fixture: a toy-objective config under tmp_path
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

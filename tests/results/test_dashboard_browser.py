@@ -26,11 +26,11 @@ import pytest
 from optuna.trial import TrialState
 
 import kmnist_sweep  # noqa: F401  (torchvision compat first)
-from tests.test_multi_objective import SMALL_FULL, TWO, cli
+from tests.sweep.test_multi_objective import SMALL_FULL, TWO, cli
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "test-artifacts" / "dashboard.png"
 SCREENSHOT_RUNNER = REPO / "test-artifacts" / "dashboard-multi-objective.png"
 CHROMIUM = Path("/usr/bin/chromium")

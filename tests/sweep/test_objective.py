@@ -16,7 +16,7 @@ from kmnist_sweep.sweep import lr_seed
 from kmnist_sweep.sweep.objective import make_objective, suggest_params
 from kmnist_sweep.train import batch_size, lr_finder
 from tests.conftest import run_cli
-from tests.test_tracking import API_KEY, history, offline_runs
+from tests.results.test_tracking import API_KEY, history, offline_runs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -23,7 +23,7 @@ from kmnist_sweep.train.noise_scale import (
     summarise,
 )
 from tests.conftest import run_cli
-from tests.test_tracking import history, offline_runs
+from tests.results.test_tracking import history, offline_runs
 
 
 @pytest.mark.parametrize("population", [None, 1000])

@@ -39,7 +39,7 @@ from kmnist_sweep.sweep.runner import run_sweep
 from kmnist_sweep.sweep.storage import open_storage
 from kmnist_sweep.sweep.study import build_pruner, build_sampler
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOY = "tests.toy_objective:make_toy_objective"
 PG_URL = os.environ.get("KMNIST_SWEEP_PG_URL")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
