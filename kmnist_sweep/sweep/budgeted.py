@@ -2,7 +2,7 @@
 the trials it queues, the time accounting that survives a stop, the answer.
 
     budget = Budget.from_config(cfg, end=started + budget_s - spent_s(study))
-    work(study, objective, n_trials, planner=budget.step)  # every free worker asks it
+    work(study, objective, spec, planner=budget.step)  # every free worker asks it
 
 The decisions are sweep/budget.py's; this module turns trials into what it reads and its
 steps into queued trials. Workers on other processes or machines build their own Budget

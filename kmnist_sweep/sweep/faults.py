@@ -27,7 +27,6 @@ from kmnist_sweep.sweep.storage import STORAGE_ERRORS
 log = logging.getLogger(__name__)
 
 
-STORAGE_PATIENCE_S = 600.0  # seconds a worker retries a storage that does not answer
 STOP_WAIT_S = 10.0  # seconds workers get to record their trial after Ctrl-C
 
 

@@ -1,7 +1,7 @@
 """Worker processes on this machine: one per entry of `worker_devices(cfg)`, each running
 the worker loop (sweep/worker.py) on the shared study, pinned to its GPU when there are any.
 
-    codes = run_workers(payload, worker_devices(cfg), log_dir, progress, poll)
+    codes = run_workers(spec, worker_devices(cfg), log_dir, progress, max_restarts)
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ from kmnist_sweep.sweep.progress import Progress
 from kmnist_sweep.sweep.storage import STORAGE_ERRORS
 from kmnist_sweep.sweep.study import FINISHED
 from kmnist_sweep.sweep.worker import fail_trials_of
+from kmnist_sweep.sweep.worker_spec import WorkerSpec, to_payload
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +75,22 @@ def visible_gpus(device: str = "auto") -> list[str]:
 
 
 def run_workers(
-    payload: dict[str, Any],
+    spec: WorkerSpec,
     devices: list[str | None],
     log_dir: Path,
     progress: Progress,
-    poll: float,
-    max_restarts: int = 0,
-    lock_path: Path | None = None,
+    max_restarts: int,
 ) -> list[int]:
-    """Start one process per entry of `devices`, show progress until all exit; their codes.
+    """Start one process per entry of `devices`, each a worker of `spec`, show progress until
+    all exit; their codes.
 
     A worker killed by a signal (the OOM killer, a lost process) has its running trial
     failed and retried at once, and is replaced by a new one while the study needs trials,
     at most `max_restarts` times in all: a worker that dies at every start stops there.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = worker_env(str(payload["objective"]), len(devices))
-    pool = _Pool(payload, devices, env, log_dir, progress.study, lock_path)
+    env = worker_env(str(spec.objective), len(devices))
+    pool = _Pool(spec, devices, env, log_dir, progress.study)
     try:
         for index in range(len(devices)):
             pool.start(index)
@@ -100,7 +101,7 @@ def run_workers(
                     pool.replace(index, max_restarts)
             if not pool.alive():
                 break
-            time.sleep(poll)
+            time.sleep(spec.poll)
     except BaseException as exc:
         stop_seen(exc)
         _stop_workers(pool.procs, forward=signum_of(exc) == signal.SIGTERM)
@@ -114,15 +115,14 @@ class _Pool:
 
     def __init__(
         self,
-        payload: dict[str, Any],
+        spec: WorkerSpec,
         devices: list[str | None],
         env: dict[str, str],
         log_dir: Path,
         study: optuna.Study,
-        lock_path: Path | None,
     ) -> None:
-        self.payload, self.devices, self.env, self.log_dir = payload, devices, env, log_dir
-        self.study, self.lock_path = study, lock_path
+        self.spec, self.devices, self.env, self.log_dir = spec, devices, env, log_dir
+        self.study = study
         self.procs: list[subprocess.Popen[bytes]] = []
         self.seen: set[int] = set()  # pids of ended processes already handled
         self.restarts = 0
@@ -145,7 +145,7 @@ class _Pool:
         else:
             self.procs.append(proc)
         assert proc.stdin is not None
-        proc.stdin.write(json.dumps(worker_payload(self.payload, index, device)).encode())
+        proc.stdin.write(json.dumps(worker_payload(self.spec, index, device)).encode())
         proc.stdin.close()
 
     def alive(self) -> bool:
@@ -166,7 +166,7 @@ class _Pool:
             if self.killed(index):
                 signum = -cast(int, proc.returncode)
                 try:
-                    failed = fail_trials_of(self.study, proc.pid, signum, self.lock_path)
+                    failed = fail_trials_of(self.study, proc.pid, signum, self.spec.lock_path)
                 except STORAGE_ERRORS:
                     failed = 0  # the heartbeat fails them once the storage is back
                 log.warning(
@@ -205,19 +205,17 @@ class _Pool:
         )
 
 
-def worker_payload(payload: dict[str, Any], index: int, device: str | None) -> dict[str, Any]:
-    """What worker `index` reads on stdin: the sweep's payload, its index, and its config.
+def worker_payload(spec: WorkerSpec, index: int, device: str | None) -> dict[str, Any]:
+    """What worker `index`, pinned to `device`, reads on stdin: the sweep's spec as data.
 
     A worker pinned by CUDA_VISIBLE_DEVICES sees its one GPU as cuda:0, whatever the GPU's
     number here: `trainer.device=cuda:N` (N counted among this process's GPUs) would ask it for
     a GPU it cannot see, so it is told `cuda` instead. Unpinned workers keep the config as is.
     """
-    own = dict(payload, index=index)
-    cfg = payload["cfg"]
-    trainer = cfg.get("trainer") or {}
-    if device is not None and str(trainer.get("device", "auto")).startswith("cuda:"):
-        own["cfg"] = {**cfg, "trainer": {**trainer, "device": "cuda"}}
-    return own
+    trainer = spec.cfg["trainer"]
+    if device is not None and str(trainer["device"]).startswith("cuda:"):
+        spec = replace(spec, cfg={**spec.cfg, "trainer": {**trainer, "device": "cuda"}})
+    return to_payload(spec, index)
 
 
 def _stop_workers(procs: list[subprocess.Popen[bytes]], forward: bool = False) -> None:

@@ -10,7 +10,6 @@ its protocol (sweep/protocol.py): check, prepare, constraint, finish.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import signal
 import time
@@ -36,7 +35,7 @@ from kmnist_sweep.results.outputs import (
     summarize,
     write_results,
 )
-from kmnist_sweep.sweep import local, optuna_internals, slurm
+from kmnist_sweep.sweep import local, slurm
 from kmnist_sweep.sweep.budget_run import NO_FINAL_FIT, BudgetRun, FinalFit
 from kmnist_sweep.sweep.faults import check_failures, signum_of, stop_on_signals, stop_seen
 from kmnist_sweep.sweep.progress import Progress
@@ -51,11 +50,11 @@ from kmnist_sweep.sweep.storage import STORAGE_ERRORS
 from kmnist_sweep.sweep.study import (
     FINISHED,
     grid_exhausted,
-    heartbeat_enabled,
     open_sweep_study,
     queue_defaults,
 )
-from kmnist_sweep.sweep.worker import SLOT_LOCK, fault_limits, work
+from kmnist_sweep.sweep.worker import work
+from kmnist_sweep.sweep.worker_spec import WorkerSpec, worker_spec
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +119,9 @@ def run_sweep(
     if base_overrides is None:
         base_overrides = hydra_base_overrides(cfg)
 
-    since = datetime.datetime.now()
-    timeout = cfg.study.get("timeout")
-    deadline = None if timeout is None else time.time() + float(timeout)
     run = BudgetRun.start(cfg, study, started, plan.jobs or len(plan.devices))
-    deadline = deadline if run is None else run.budget.end
+    end = None if run is None else run.budget.end
+    spec = worker_spec(cfg, plan.resolved, plan.objective_path, end)
     log.info(
         "study %s in %s: %d/%d trials finished, %d worker(s)%s",
         study.study_name,
@@ -142,7 +139,7 @@ def run_sweep(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar prints one line per trial
     try:
         with stop_on_signals():
-            worker_status = run_workers(cfg, plan, study, progress, since, deadline, run)
+            worker_status = run_workers(cfg, plan, study, progress, spec, run)
         progress.refresh()
     except (KeyboardInterrupt, SweepStopped) as exc:
         stop_seen(exc)
@@ -155,7 +152,7 @@ def run_sweep(
         write_outputs(study, cfg, plan, list(base_overrides), chosen, report=run is None)
     if stopped is not None:
         raise _as_stop(stopped, study, plan.n_trials) from None
-    summary = check_total(study, cfg, plan, since, deadline, worker_status, run is not None)
+    summary = check_total(study, cfg, plan, spec, worker_status, run is not None)
     if run is None:
         return summary
     assert final_fit is not None
@@ -281,46 +278,19 @@ def run_workers(
     plan: Plan,
     study: optuna.Study,
     progress: Progress,
-    since: datetime.datetime,
-    deadline: float | None,
+    spec: WorkerSpec,
     run: BudgetRun | None = None,
 ) -> list[int]:
     """Run the workers until the study is full or a budget's planner stops them; the exit
     status of each worker process or job ([] when the single worker ran in this process)."""
-    poll = float(cfg.study.poll_interval)
     if plan.in_process:
-        work(
-            study,
-            plan.objective,
-            plan.n_trials,
-            deadline=deadline,
-            since=since,
-            poll=poll,
-            heartbeat=heartbeat_enabled(optuna_internals.storage_of(study)),
-            lock_path=plan.out_dir / SLOT_LOCK,
-            on_trial_end=progress.refresh,
-            planner=None if run is None else run.budget.step,
-            **fault_limits(cfg.study),
-        )
+        planner = None if run is None else run.budget.step
+        work(study, plan.objective, spec, on_trial_end=progress.refresh, planner=planner)
         return []
-    payload = {
-        "cfg": plan.resolved,
-        "objective": plan.objective_path,
-        "since": since.isoformat(),
-        "deadline": deadline,
-        "budget_end": None if run is None else run.budget.end,
-    }
     if plan.jobs is None:
-        return local.run_workers(
-            payload,
-            plan.devices,
-            plan.log_dir,
-            progress,
-            poll,
-            max_restarts=int(cfg.launcher.get("max_worker_restarts", 0)),
-            lock_path=plan.out_dir / SLOT_LOCK,
-        )
-    return slurm.wait(slurm.submit_workers(cfg, payload), progress, poll)
+        restarts = int(cfg.launcher.max_worker_restarts)
+        return local.run_workers(spec, plan.devices, plan.log_dir, progress, restarts)
+    return slurm.wait(slurm.submit_workers(cfg, spec), progress, spec.poll)
 
 
 def write_outputs(
@@ -346,8 +316,7 @@ def check_total(
     study: optuna.Study,
     cfg: DictConfig,
     plan: Plan,
-    since: datetime.datetime,
-    deadline: float | None,
+    spec: WorkerSpec,
     worker_status: list[int],
     budgeted: bool = False,
 ) -> SweepSummary:
@@ -364,9 +333,9 @@ def check_total(
         ) from None
     finished = summary.complete + summary.pruned
     # A budget's planner stops the workers when no trial fits: that is its end, not a stop.
-    timed_out = budgeted or (deadline is not None and time.time() >= deadline)
+    timed_out = budgeted or (spec.deadline is not None and time.time() >= spec.deadline)
     if finished < plan.n_trials and not grid_exhausted(study) and not timed_out:
-        check_failures(trials, since, fault_limits(cfg.study)["max_failed"])
+        check_failures(trials, spec.since, spec.max_failed)
         crashed = [f"worker {i} exited with {rc}" for i, rc in enumerate(worker_status) if rc]
         raise SweepStopped(
             f"study {study.study_name} stopped at {finished}/{plan.n_trials} finished trials"

@@ -1,6 +1,6 @@
 """Worker jobs through submitit: `launcher=slurm` runs a study's workers as cluster jobs.
 
-    jobs = submit_workers(cfg, payload)    # payload as run_sweep builds it for its workers
+    jobs = submit_workers(cfg, spec)       # spec: sweep/worker_spec.py, as run_sweep made it
     status = wait(jobs, progress, poll)    # one per job: 0 = it ended well
 
 Why not Hydra's submitit launcher plugin: it runs one job per config of a multirun, while a
@@ -34,6 +34,7 @@ from kmnist_sweep.sweep import faults
 from kmnist_sweep.sweep.local import worker_env
 from kmnist_sweep.sweep.progress import Progress
 from kmnist_sweep.sweep.worker import worker_run
+from kmnist_sweep.sweep.worker_spec import WorkerSpec, from_payload, to_payload
 
 if TYPE_CHECKING:
     from submitit import AutoExecutor, Job
@@ -81,17 +82,17 @@ def slurm_parameters(launcher_cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
-def submit_workers(cfg: DictConfig, payload: dict[str, Any]) -> list[Job[None]]:
-    """Submit `launcher.jobs` jobs; job i runs worker i (sampler seed + i) of the payload."""
+def submit_workers(cfg: DictConfig, spec: WorkerSpec) -> list[Job[None]]:
+    """Submit `launcher.jobs` jobs; job i runs worker i (sampler seed + i) of `spec`."""
     launcher_cfg = cfg.launcher
     count = check(cfg)
     executor = _make_executor(launcher_cfg, str(cfg.debug.executor))
     local = str(cfg.debug.executor) == "local"
     # Jobs import this package and the objective's module from where this process did; local
     # jobs share this machine's cores (OMP_NUM_THREADS), cluster jobs have their own.
-    env = worker_env(str(payload["objective"]), count if local else 1)
+    env = worker_env(str(spec.objective), count if local else 1)
     with _environ(env), executor.batch():  # on SLURM: one job array
-        jobs = [executor.submit(run_job, dict(payload, index=i)) for i in range(count)]
+        jobs = [executor.submit(run_job, to_payload(spec, i)) for i in range(count)]
     log.info(
         "submitted %d worker job(s) (%s): %s; logs in %s",
         count,
@@ -103,11 +104,12 @@ def submit_workers(cfg: DictConfig, payload: dict[str, Any]) -> list[Job[None]]:
 
 
 def run_job(payload: dict[str, Any]) -> None:
-    """What each job runs: the runner's worker loop, as worker `payload["index"]`."""
+    """What each job runs: the runner's worker loop, as the worker of its payload
+    (worker_spec.to_payload: plain data in the job's pickle)."""
     import submitit
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    index = int(payload["index"])
+    spec, index = from_payload(payload)
     os.environ["KMNIST_SWEEP_WORKER"] = str(index)  # the `worker` user attribute of its trials
     env = submitit.JobEnvironment()
     log.info(
@@ -122,7 +124,7 @@ def run_job(payload: dict[str, Any]) -> None:
     # at the limit SLURM's SIGTERM fails the running trial, and another worker retries it.
     signal.signal(signal.SIGUSR2, _near_time_limit)
     try:
-        worker_run(payload)
+        worker_run(spec, index)
     except SystemExit as exc:  # interrupted or stopped: the job failed, the reason is logged
         if exc.code:
             raise RuntimeError(f"worker {index} exited with status {exc.code}") from None

@@ -1,7 +1,7 @@
 """One worker's loop on a shared study: take a free slot, run a trial, repeat until the
 study holds its total. Local worker processes and SLURM jobs run the same loop.
 
-    work(study, objective, n_trials, heartbeat=True, lock_path=out_dir / SLOT_LOCK)
+    work(study, objective, spec)      # spec: sweep/worker_spec.py, made once per sweep
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
 
 import optuna
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from kmnist_sweep import trial_attrs
@@ -28,7 +27,6 @@ from kmnist_sweep.config.search_space import parse_space
 from kmnist_sweep.errors import SweepStopped, error_line
 from kmnist_sweep.sweep import budgeted, optuna_internals
 from kmnist_sweep.sweep.faults import (
-    STORAGE_PATIENCE_S,
     Outage,
     TrialTakenOver,
     check_failures,
@@ -42,10 +40,9 @@ from kmnist_sweep.sweep.faults import (
 from kmnist_sweep.sweep.protocol import as_sweep_objective, load_factory
 from kmnist_sweep.sweep.storage import STORAGE_ERRORS, quiet_optuna_warnings, storage_cause
 from kmnist_sweep.sweep.study import FINISHED, grid_exhausted, heartbeat_enabled, open_sweep_study
+from kmnist_sweep.sweep.worker_spec import WorkerSpec, from_payload
 
 log = logging.getLogger(__name__)
-
-SLOT_LOCK = ".slots.lock"  # file under output_dir that workers on one host take turns on
 
 # A budgeted sweep's planner: given the study and its trials, queue the next trial ("run"),
 # or "wait" or "stop".
@@ -55,29 +52,24 @@ Planner = Callable[[optuna.Study, Sequence[FrozenTrial]], str]
 def work(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], float | Sequence[float]],
-    n_trials: int,
+    spec: WorkerSpec,
     *,
-    deadline: float | None = None,
-    since: datetime.datetime | None = None,
-    poll: float = 1.0,
-    heartbeat: bool = True,
-    lock_path: Path | None = None,
     on_trial_end: Callable[[], None] | None = None,
-    max_failed: int | None = None,
-    storage_patience: float = STORAGE_PATIENCE_S,
     planner: Planner | None = None,
 ) -> None:
-    """One worker's loop: run trials until the study holds n_trials finished ones.
+    """One worker's loop: run trials until the study holds `spec.n_trials` finished ones,
+    starting none after `spec.deadline`.
 
     Several workers (processes or machines) may run it on one study. A worker starts a
     trial only while finished + running + queued < n_trials, or to take a queued retry;
     otherwise it waits, failing stale trials (dead workers) so their retries get queued.
-    Workers on one host decide and create their trial under the file lock `lock_path`, so
-    two never take the last free slot; across hosts, the later trial (by number) stands down.
+    Workers on one host decide and create their trial under the file lock `spec.lock_path`,
+    so two never take the last free slot; across hosts, the later trial (by number) stands
+    down.
 
-    Faults: a storage that stops answering is retried for `storage_patience` seconds, then
-    the worker stops with `SweepStopped` (the study is as the storage last saw it). When
-    `max_failed` trials of this run (all workers) have raised an error, the cause is a bug
+    Faults: a storage that stops answering is retried for `spec.storage_patience` seconds,
+    then the worker stops with `SweepStopped` (the study is as the storage last saw it). When
+    `spec.max_failed` trials of this run (all workers) have raised an error, the cause is a bug
     rather than bad luck: the worker stops instead of failing every remaining trial.
     SIGTERM is handled as Ctrl-C: the running trial is failed and recorded.
 
@@ -85,8 +77,9 @@ def work(
     trial runs and queues it (`run`), or says `wait` (others' results may change its mind)
     or `stop` (no trial fits in the time left).
     """
-    since = since or datetime.datetime.now()
-    slot = _SlotLock(lock_path)
+    n_trials, since, poll = spec.n_trials, spec.since, spec.poll
+    heartbeat = heartbeat_enabled(optuna_internals.storage_of(study))
+    slot = _SlotLock(spec.lock_path)
 
     def guarded(trial: optuna.Trial) -> float | Sequence[float]:
         slot.release()  # the trial exists now: other workers count it
@@ -125,7 +118,7 @@ def work(
     mine: list[int] = []  # this worker's trial, while the objective runs
     try:
         with stop_on_signals(defer=True), quiet_expected_tracebacks():
-            while deadline is None or time.time() < deadline:
+            while spec.deadline is None or time.time() < spec.deadline:
                 try:
                     raise_pending()
                     slot.acquire()
@@ -137,7 +130,7 @@ def work(
                         _fail_orphans(study, trials, mine)
                         outage = None
                     mine.clear()
-                    check_failures(trials, since, max_failed)
+                    check_failures(trials, since, spec.max_failed)
                     finished = sum(t.state in FINISHED for t in trials)
                     queued = sum(t.state == TrialState.WAITING for t in trials)
                     running = sum(_counts_as_running(t, since, heartbeat) for t in trials)
@@ -187,7 +180,7 @@ def work(
                     if cause is None:
                         raise
                     slot.release()
-                    outage = outage or Outage(time.time(), storage_patience)
+                    outage = outage or Outage(time.time(), spec.storage_patience)
                     outage.wait(cause)
                 finally:
                     slot.release()  # in case the trial was never created (ask failed)
@@ -332,47 +325,25 @@ def _fail_unstarted(study: optuna.Study) -> None:
             optuna_internals.fail_and_retry(study, t)
 
 
-def fault_limits(study_cfg: DictConfig) -> dict[str, Any]:
-    """work()'s limits from the study config: failing trials, storage outage (seconds)."""
-    max_failed = study_cfg.max_failed
-    return {
-        "max_failed": None if max_failed is None else int(max_failed),
-        "storage_patience": float(study_cfg.storage_patience),
-    }
-
-
 def worker_main() -> None:
-    """Entry of a worker process: a JSON payload on stdin (config, objective, index)."""
+    """Entry of a worker process: its payload (worker_spec.to_payload) on stdin."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    worker_run(json.loads(sys.stdin.read()))
+    worker_run(*from_payload(json.loads(sys.stdin.read())))
 
 
-def worker_run(payload: dict[str, Any]) -> None:
-    """One worker on the study in `payload` (as run_sweep builds it, plus `index`): the loop
-    of the runner's worker processes and of the launcher's cluster jobs alike."""
-    index = int(payload["index"])
-    cfg = OmegaConf.create(payload["cfg"])
+def worker_run(spec: WorkerSpec, index: int) -> None:
+    """Worker `index` of the sweep in `spec`: the loop of the runner's worker processes and
+    of the launcher's cluster jobs alike."""
+    cfg = OmegaConf.create(spec.cfg)
     OmegaConf.set_struct(cfg, True)
-    study_cfg = cfg.study
     params = parse_space(cfg.search_space, cfg)
-    objective = as_sweep_objective(load_factory(str(payload["objective"]))(cfg))
-    study = open_sweep_study(study_cfg, params, index, objective.constraint)
-    end = payload.get("budget_end")
-    planner = None if end is None else budgeted.Budget.from_config(cfg, float(end)).step
+    objective = as_sweep_objective(load_factory(str(spec.objective))(cfg))
+    study = open_sweep_study(cfg.study, params, index, objective.constraint)
+    end = spec.budget_end
+    planner = None if end is None else budgeted.Budget.from_config(cfg, end).step
     log.info("worker %d (pid %d) joins study %s", index, os.getpid(), study.study_name)
     try:
-        work(
-            study,
-            objective,
-            int(study_cfg.n_trials),
-            deadline=payload.get("deadline"),
-            since=datetime.datetime.fromisoformat(payload["since"]),
-            poll=float(study_cfg.poll_interval),
-            heartbeat=heartbeat_enabled(optuna_internals.storage_of(study)),
-            lock_path=Path(str(study_cfg.output_dir)) / SLOT_LOCK,
-            planner=planner,
-            **fault_limits(study_cfg),
-        )
+        work(study, objective, spec, planner=planner)
     except KeyboardInterrupt as exc:
         log.info("worker %d interrupted", index)
         sys.exit(128 + signum_of(exc))

@@ -3,6 +3,7 @@ measured, driven here as a worker loop drives them, against a simulated clock.""
 
 from __future__ import annotations
 
+import datetime
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from kmnist_sweep.sweep.budget import (
 )
 from kmnist_sweep.sweep.budgeted import Budget
 from kmnist_sweep.sweep.worker import work
+from kmnist_sweep.sweep.worker_spec import WorkerSpec
 from tests.config.test_config import compose_cfg
 from tests.conftest import run_cli
 
@@ -258,7 +260,19 @@ def test_the_worker_loop_runs_the_plan_and_promotes_configs_as_sampled() -> None
         time.sleep(0.05 * epochs)
         return x + 0.1 * epochs
 
-    work(study, objective, 1000, heartbeat=False, poll=0.01, planner=budget.step)
+    spec = WorkerSpec(
+        cfg={},
+        objective=None,
+        n_trials=1000,
+        since=datetime.datetime.now(),
+        deadline=None,
+        budget_end=end,
+        poll=0.01,
+        lock_path=None,
+        max_failed=None,
+        storage_patience=0.0,
+    )
+    work(study, objective, spec, planner=budget.step)
     trials = study.get_trials(deepcopy=False)
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert max(t.datetime_complete.timestamp() for t in trials if t.datetime_complete) < end

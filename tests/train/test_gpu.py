@@ -12,11 +12,13 @@ CUDA.
 from __future__ import annotations
 
 import csv
+import datetime
 import gc
 import os
 import re
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from kmnist_sweep.results.predict import probabilities
 from kmnist_sweep.sweep.local import worker_payload
 from kmnist_sweep.sweep.objective import make_objective
 from kmnist_sweep.sweep.runner import run_sweep
+from kmnist_sweep.sweep.worker_spec import WorkerSpec, from_payload
 from kmnist_sweep.train import batch_size, engine
 from tests.conftest import run_cli
 from tests.sweep import test_runner
@@ -76,17 +79,17 @@ def test_a_pinned_worker_asks_for_the_one_gpu_it_sees(
 
 
 def test_only_pinned_workers_get_their_device_renamed() -> None:
-    payload: dict[str, Any] = {
-        "cfg": {"trainer": {"device": "cuda:1", "lr": 0.1}, "seed": 0},
-        "since": "x",
-    }
-    pinned = worker_payload(payload, 1, "5")
-    assert pinned["index"] == 1 and pinned["since"] == "x"
+    cfg = {"trainer": {"device": "cuda:1", "lr": 0.1}, "seed": 0}
+    since = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    spec = WorkerSpec(cfg, "m:f", 4, since, None, None, 1.0, Path("s/.lock"), None, 5.0)
+    pinned = worker_payload(spec, 1, "5")
     assert pinned["cfg"] == {"trainer": {"device": "cuda", "lr": 0.1}, "seed": 0}
-    assert payload["cfg"]["trainer"]["device"] == "cuda:1"  # the other workers' stays as is
-    assert worker_payload(payload, 0, None)["cfg"]["trainer"]["device"] == "cuda:1"
+    assert from_payload(pinned)[1] == 1
+    assert from_payload(pinned)[0] == replace(spec, cfg=pinned["cfg"])  # the rest as is
+    assert spec.cfg["trainer"]["device"] == "cuda:1"  # the other workers' stays as is
+    assert worker_payload(spec, 0, None)["cfg"]["trainer"]["device"] == "cuda:1"
     for kept in ("auto", "cuda", "cpu"):
-        same: dict[str, Any] = {"cfg": {"trainer": {"device": kept}}}
+        same = replace(spec, cfg={"trainer": {"device": kept}})
         assert worker_payload(same, 0, "0")["cfg"]["trainer"]["device"] == kept
 
 
