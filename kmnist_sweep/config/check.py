@@ -115,7 +115,7 @@ def check_pruner(pruner_cfg: DictConfig, epochs: Param | None) -> None:
 
 def check_start(study_cfg: DictConfig) -> None:
     # A grid sampler walks its grid whatever was queued: the extra trial would not count.
-    if study_cfg.get("start_from_defaults") and str(study_cfg.sampler.type) == "grid":
+    if study_cfg.start_from_defaults and str(study_cfg.sampler.type) == "grid":
         raise ConfigError(
             "study.start_from_defaults=true does not go with study.sampler.type=grid: "
             "the grid already holds every value"

@@ -83,7 +83,7 @@ def summarize(
 
 def _recommended(study: optuna.Study, cfg: DictConfig) -> FrozenTrial | None:
     """A batch-size study's recommended trial: its one answer, in best.yaml and the summary."""
-    target = cfg.get("batch_size", {}).get("target")
+    target = cfg.batch_size.target
     return recommended_trial(study, str(cfg.study.metric), target)
 
 

@@ -389,7 +389,7 @@ def report_sweep(study: optuna.Study, cfg: DictConfig) -> Path:
         note=dataset.note,
         sizes=sizes,
     )
-    tracker = Tracker(cfg.tracking, study.study_name, out_dir)
+    tracker = Tracker(cfg.tracking, study.study_name)
     summary: dict[str, object] = {"study": study.study_name, "n_trials": len(study.trials)}
     if best is not None:
         summary.update({"best/value": best.values[0], "best/trial": best.number, **best.params})

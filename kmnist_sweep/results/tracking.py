@@ -46,12 +46,10 @@ def resolve_mode(cfg: DictConfig | Mapping[str, Any]) -> str:
     (WANDB_API_KEY or a netrc entry for the W&B host), else `offline`, or `disabled`.
 
     WANDB_MODE=offline|disabled in the environment can only lower the mode, so exporting it
-    is a reliable way to keep a run off the network.
+    is a reliable way to keep a run off the network. `tracking.mode` is one of MODES: the
+    config's check (config/schema.py) saw to that before any work.
     """
-    mode = str(cfg.get("mode", "offline") or "disabled").lower()
-    if mode not in MODES:
-        log.warning("tracking.mode=%r is not one of %s; tracking is disabled", mode, MODES)
-        return "disabled"
+    mode = str(cfg["mode"])
     env = os.environ.get("WANDB_MODE", "").lower()
     if env in ("disabled", "offline") and MODES.index(env) > MODES.index(mode):
         mode = env
@@ -84,7 +82,7 @@ def api_key_configured() -> bool:
 class Tracker:
     """One per worker process; at most one wandb run (one trial) open at a time."""
 
-    def __init__(self, cfg: DictConfig, study_name: str, output_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, study_name: str) -> None:
         self.mode = resolve_mode(cfg)
         if self.mode != "disabled":
             try:
@@ -92,11 +90,11 @@ class Tracker:
             except ImportError as err:
                 log.warning("tracking.mode=%s but wandb cannot be imported (%s)", self.mode, err)
                 self.mode = "disabled"
-        self.project = str(cfg.get("project") or "kmnist_sweep")
-        self.entity: str | None = cfg.get("entity") or None
+        self.project = str(cfg.project)
+        self.entity: str | None = cfg.entity or None
         # cfg.dir is ${study.output_dir} by default; wandb adds its own `wandb/` below it.
-        self.dir = Path(str(cfg.get("dir") or output_dir))
-        self.init_timeout = float(cfg.get("init_timeout") or 30)  # seconds
+        self.dir = Path(str(cfg.dir))
+        self.init_timeout = float(cfg.init_timeout)  # seconds
         self.study_name = study_name
         self.run: Run | None = None
         self.broken = False  # a wandb call failed: stay quiet until the next trial

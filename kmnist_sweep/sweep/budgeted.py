@@ -41,14 +41,14 @@ def budget_s(cfg: DictConfig) -> float | None:
 
 def rungs_of(cfg: DictConfig) -> list[int]:
     """Epochs of each rung: study.budget_rungs, else from the sweep's longest schedule."""
-    searched = (cfg.get("search_space") or {}).get(EPOCHS_KEY)
+    searched = cfg.search_space.get(EPOCHS_KEY)
     top = int(searched["high"]) if searched is not None else int(cfg.trainer.epochs)
     return rung_epochs(cfg.study.get("budget_rungs"), int(cfg.study.budget_keep), top)
 
 
 def final_scale(cfg: DictConfig) -> float:
     """The final fit's training images over a trial's: valid joins train there."""
-    return 1.0 / (1.0 - float(cfg.data.get("valid_fraction", 0.0)))
+    return 1.0 / (1.0 - float(cfg.data.valid_fraction))
 
 
 def seen_of(study: optuna.Study, trials: Sequence[FrozenTrial], rungs: list[int]) -> list[Seen]:

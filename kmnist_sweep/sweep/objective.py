@@ -155,7 +155,7 @@ class TrainingObjective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         if self.tracker is None:
-            self.tracker = Tracker(self.cfg.tracking, str(self.cfg.study.name), self.out_dir)
+            self.tracker = Tracker(self.cfg.tracking, str(self.cfg.study.name))
             atexit.register(self.tracker.close)
         values = suggest_params(trial, self.params)
         factors = {name: values.pop(f"{name}.factor") for name in self.seeded}

@@ -113,7 +113,7 @@ def run_sweep(
         plan.out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(scrub(plan.resolved)))
     )
     remove_stale_best(study, plan.out_dir)  # even if this run is killed before its end
-    if cfg.study.get("start_from_defaults"):
+    if cfg.study.start_from_defaults:
         start_from_defaults(study, plan.params, cfg)
     plan.objective.prepare(study)
     if base_overrides is None:

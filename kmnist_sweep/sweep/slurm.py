@@ -61,7 +61,7 @@ def check(cfg: DictConfig) -> int:
 def slurm_parameters(launcher_cfg: DictConfig) -> dict[str, Any]:
     """Our launcher config as keyword arguments of submitit's `update_parameters`."""
     params: dict[str, Any] = {
-        "name": str(launcher_cfg.get("job_name") or "kmnist-sweep"),
+        "name": str(launcher_cfg.job_name),
         "nodes": 1,
         "tasks_per_node": 1,  # one worker process per job
         "gpus_per_node": int(launcher_cfg.gpus_per_job),
@@ -74,7 +74,7 @@ def slurm_parameters(launcher_cfg: DictConfig) -> dict[str, Any]:
     for key in SLURM_OPTIONS:
         if launcher_cfg.get(key) is not None:
             params[f"slurm_{key}"] = str(launcher_cfg[key])
-    extra = launcher_cfg.get("additional_parameters") or {}
+    extra = launcher_cfg.additional_parameters
     if extra:
         params["slurm_additional_parameters"] = cast(
             dict[str, Any], OmegaConf.to_container(extra, resolve=True)

@@ -303,7 +303,7 @@ def train(
     start = time.perf_counter()
     memory.reset_peak(learn.dls.device)
     if epochs > 0:
-        every = int(cfg.trainer.get("noise_scale_every", 0))
+        every = int(cfg.trainer.noise_scale_every)
         noise = NoiseScale(every) if every > 0 else None
         report = EpochReport(record, echo=not bars and not quiet, noise=noise)
         ema = float(cfg.trainer.ema)

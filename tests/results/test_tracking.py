@@ -21,7 +21,13 @@ API_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, like a rea
 
 def tracking_cfg(mode: str, directory: Path) -> Any:
     return OmegaConf.create(
-        {"mode": mode, "project": "kmnist_sweep", "entity": None, "dir": str(directory)}
+        {
+            "mode": mode,
+            "project": "kmnist_sweep",
+            "entity": None,
+            "dir": str(directory),
+            "init_timeout": 30,
+        }
     )
 
 
@@ -109,7 +115,7 @@ def test_offline_trials_are_readable_and_hold_no_secrets(
 ) -> None:
     monkeypatch.setenv("WANDB_API_KEY", API_KEY)
     storage = f"postgresql://sweeper:{DB_PASSWORD}@db.example:5432/studies"
-    tracker = Tracker(tracking_cfg("offline", tmp_path), "lr-kmnist", tmp_path)
+    tracker = Tracker(tracking_cfg("offline", tmp_path), "lr-kmnist")
     assert tracker.mode == "offline"
     for number in range(2):
         config = {
@@ -151,7 +157,7 @@ def test_offline_trials_are_readable_and_hold_no_secrets(
 def test_a_wandb_error_is_one_warning_and_never_raises(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tracker = Tracker(tracking_cfg("offline", tmp_path), "study", tmp_path)
+    tracker = Tracker(tracking_cfg("offline", tmp_path), "study")
     tracker.start_trial(7, {"trainer": {"lr": 0.1}})
     assert tracker.run is not None
 
@@ -178,7 +184,7 @@ def test_a_wandb_error_is_one_warning_and_never_raises(
 
 
 def test_disabled_tracker_writes_nothing(tmp_path: Path) -> None:
-    tracker = Tracker(tracking_cfg("disabled", tmp_path / "out"), "study", tmp_path / "out")
+    tracker = Tracker(tracking_cfg("disabled", tmp_path / "out"), "study")
     tracker.start_trial(0, {"a": 1})
     tracker.log_epoch(1, {"val/acc": 0.5})
     tracker.end_trial("complete")

@@ -246,6 +246,7 @@ def test_the_worker_loop_runs_the_plan_and_promotes_configs_as_sampled() -> None
             "study": {"budget": "4s", "budget_rungs": [1, 3], "budget_keep": 3},
             "trainer": {"epochs": 3},
             "data": {"valid_fraction": 0.2},
+            "search_space": {},
         }
     )
     end = time.time() + 4.0

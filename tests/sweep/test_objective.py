@@ -191,7 +191,7 @@ def test_a_wandb_outage_mid_trial_leaves_the_trial_complete(
         raise ConnectionError("wandb is down")
 
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken_log)
-    tracker = Tracker(cfg.tracking, "outage", tmp_path)
+    tracker = Tracker(cfg.tracking, "outage")
     study = optuna.create_study(direction="maximize")
     try:
         study.optimize(make_objective(cfg, tracker), n_trials=1)
