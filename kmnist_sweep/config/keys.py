@@ -33,6 +33,11 @@ def leaf_keys(
 
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:
-    """` (did you mean 'x'?)` for the option closest to `word`, or "" when none is close."""
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    """` (did you mean 'x'?)` for the option closest to `word`, or "" when none is close.
+    A dotted key whose last part names exactly one option is that option in another
+    section (a key that moved, e.g. launcher.executor -> debug.executor)."""
+    options = list(options)
+    leaf = word.rsplit(".", 1)[-1]
+    moved = [o for o in options if "." in word and o.rsplit(".", 1)[-1] == leaf]
+    close = moved if len(moved) == 1 else difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""

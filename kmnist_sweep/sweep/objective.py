@@ -84,7 +84,7 @@ def suggest_params(trial: optuna.Trial, params: list[Param]) -> dict[str, Any]:
 
 
 def make_objective(cfg: DictConfig, tracker: Tracker | None = None) -> TrainingObjective:
-    """The real objective for `cfg` (the factory `study.objective` names by default)."""
+    """The real objective for `cfg` (the factory `debug.objective` names by default)."""
     return TrainingObjective(cfg, tracker)
 
 

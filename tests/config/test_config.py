@@ -110,6 +110,10 @@ def test_every_sweep_composes_and_checks(sweep: str, data: str) -> None:
             "debug.inject_oom={abve: 64}",
             "debug.inject_oom.abve: no such key (one of above, epoch, step)",
         ),
+        (  # a test switch under the user's group it sat in before the debug group
+            "+launcher.executor=local",
+            "launcher.executor: no such config key (did you mean 'debug.executor'?)",
+        ),
         (
             "+debug.objectve=a:b",
             "debug.objectve: no such config key (did you mean 'debug.objective'?)",
