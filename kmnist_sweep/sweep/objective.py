@@ -41,6 +41,7 @@ from kmnist_sweep.results import report
 from kmnist_sweep.results.batchsize import answer_text, size_answer, table_text
 from kmnist_sweep.results.tracking import Tracker
 from kmnist_sweep.sweep import budgeted, lr_seed, optuna_internals
+from kmnist_sweep.sweep.study import batch_size_constraint
 from kmnist_sweep.sweep.trial_record import (
     TrialRun,
     curve_point,
@@ -254,7 +255,7 @@ class TrainingObjective:
         lr_seed.prepare(study, self.cfg, self.seeded, lambda: self.dataset, searched)
 
     def constraint(self, trial: FrozenTrial) -> Sequence[float]:
-        return batch_size.constraint(trial.user_attrs)
+        return batch_size_constraint(trial)
 
     def finish(self, study: optuna.Study) -> None:
         """The report, and for a batch-size study its answer on one line."""

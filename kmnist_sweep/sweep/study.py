@@ -62,6 +62,16 @@ def build_sampler(
     raise ValueError(f"study.sampler.type={kind!r} passed the config check")
 
 
+def batch_size_constraint(trial: FrozenTrial) -> list[float]:
+    """The objective's constraint for TPE and GP (<= 0 feasible). Only a trial that fitted at
+    no batch size is infeasible; one that halved and then trained (and was perhaps pruned for
+    its metric) is feasible, so samplers judge it by its value, not as "does not fit"."""
+    requested, _ = trial_attrs.batch_sizes(trial.user_attrs)
+    if trial.user_attrs.get(trial_attrs.BATCH_FITTED, True) or not requested:
+        return [0.0]
+    return [math.log2(requested) + 1]  # the larger the request, the further from fitting
+
+
 def grid_space(params: Sequence[Param]) -> dict[str, list[Any]]:
     """Every value of each param, under the names the objective suggests them by."""
     grid: dict[str, list[Any]] = {}

@@ -271,13 +271,3 @@ def guards(cfg: DictConfig) -> list[Callback]:
             )
         )
     return cbs
-
-
-def constraint(user_attrs: dict[str, Any]) -> list[float]:
-    """Optuna constraint (<= 0 feasible). Only a trial that fitted at no batch size is
-    infeasible; one that halved and then trained (and was perhaps pruned for its metric) is
-    feasible, so samplers judge it by its value, not as "does not fit"."""
-    requested, _ = trial_attrs.batch_sizes(user_attrs)
-    if user_attrs.get(trial_attrs.BATCH_FITTED, True) or not requested:
-        return [0.0]
-    return [math.log2(requested) + 1]  # the larger the request, the further from fitting

@@ -14,6 +14,7 @@ from kmnist_sweep.config.search_space import parse_space
 from kmnist_sweep.results.tracking import Tracker
 from kmnist_sweep.sweep import lr_seed
 from kmnist_sweep.sweep.objective import make_objective, suggest_params
+from kmnist_sweep.sweep.study import batch_size_constraint
 from kmnist_sweep.train import batch_size, lr_finder
 from tests.conftest import run_cli
 from tests.results.test_tracking import API_KEY, history, offline_runs
@@ -58,7 +59,7 @@ def test_injected_oom_trial_completes_at_128_with_two_halvings(
     assert "trainer.batch_size=128" in attrs["overrides"]
     # Halved, but it trained: feasible for the sampler, judged by its value.
     assert attrs["batch_size/fitted"] is True
-    assert batch_size.constraint(attrs) == [0.0]
+    assert batch_size_constraint(trial) == [0.0]
     assert (tmp_path / "trials" / "0" / "val_preds.npz").exists()
 
 
@@ -82,7 +83,7 @@ def test_huge_lr_halves_then_ends_with_a_reason(
     ]
     assert attrs["batch_size/effective"] == 32 and attrs["batch_size/fitted"] is False
     assert "diverged at batch 32" in attrs["reason"] and "batch_size.min=32" in attrs["reason"]
-    assert batch_size.constraint(attrs)[0] > 0
+    assert batch_size_constraint(trial)[0] > 0
 
 
 @pytest.mark.slow
@@ -152,14 +153,29 @@ def _fake_fit(trial: optuna.Trial) -> float:
 
 
 def _big_requests(constrained: bool, seed: int) -> int:
+    """TPE given the constraint the objective hands the sweep's sampler (or none)."""
     sampler = optuna.samplers.TPESampler(
         seed=seed,
         n_startup_trials=10,
-        constraints_func=(lambda t: batch_size.constraint(t.user_attrs)) if constrained else None,
+        constraints_func=batch_size_constraint if constrained else None,
     )
     study = optuna.create_study(direction="maximize", sampler=sampler)
     study.optimize(_fake_fit, n_trials=60)
     return sum(t.params["trainer.batch_size.log2"] > 7 for t in study.trials[10:])
+
+
+def _ended(attrs: dict[str, object]) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs=attrs)
+
+
+def test_only_a_trial_that_fitted_at_no_batch_size_is_infeasible() -> None:
+    assert batch_size_constraint(_ended({})) == [0.0]
+    attrs: dict[str, object] = {"batch_size/requested": 256, "batch_size/effective": 256}
+    assert batch_size_constraint(_ended(attrs)) == [0.0]
+    attrs = {"batch_size/requested": 256, "batch_size/effective": 64, "batch_size/fitted": True}
+    assert batch_size_constraint(_ended(attrs)) == [0.0]  # halved twice, then trained
+    attrs = {"batch_size/requested": 256, "batch_size/effective": 16, "batch_size/fitted": False}
+    assert batch_size_constraint(_ended(attrs))[0] > 8  # the larger the request, the further
 
 
 @pytest.mark.slow
