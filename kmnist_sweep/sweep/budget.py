@@ -38,6 +38,7 @@ class Seen:
     value: float | None  # oriented: higher is better
     seconds: float | None  # wall time from start to end, finished trials
     epochs: int
+    train_seconds: float | None = None  # of those, training only (the trial's curve)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,23 @@ def per_epoch(seen: Sequence[Seen]) -> float | None:
     return TRIAL_MARGIN * max(rates[-1], sum(rates) / len(rates))
 
 
+def per_train_epoch(seen: Sequence[Seen]) -> float | None:
+    """Training seconds per epoch, as per_epoch takes them but without a trial's start-up,
+    per-epoch validation and margin: the final fit has none of those, so its time is held
+    from this. None where no finished trial recorded its training time."""
+    done = [t for t in seen if t.state == "complete" and t.train_seconds and t.epochs > 0]
+    if not done:
+        return None
+    done.sort(key=lambda t: t.number)
+    rates = [t.train_seconds / t.epochs for t in done[-RECENT:] if t.train_seconds]
+    return max(rates[-1], sum(rates) / len(rates))
+
+
+def fit_rate(seen: Sequence[Seen], rate: float) -> float:
+    """Seconds per epoch of the final fit: measured training time, else a trial's `rate`."""
+    return per_train_epoch(seen) or rate
+
+
 def final_seconds(rate: float, epochs: int, scale: float) -> float:
     """The final fit's estimate: `epochs` on `scale` x the trial's training images, plus the
     test evaluation (several views per image: about one epoch), with its margin."""
@@ -87,8 +105,9 @@ def answer_rung(
     higher where one trial of it and its final fit still fit in `until_end_s` (a budget
     too short for the top rung plans for the rung below rather than end with time unused)."""
     done = max((t.rung for t in seen if t.state == "complete"), default=0)
+    fit = fit_rate(seen, rate)
     for rung in reversed(range(done + 1, len(rungs))):
-        if rate * rungs[rung] + final_seconds(rate, rungs[rung], scale) <= until_end_s:
+        if rate * rungs[rung] + final_seconds(fit, rungs[rung], scale) <= until_end_s:
             return rung
     return done
 
@@ -130,12 +149,13 @@ def next_step(
             return Step("stop", why="no time left")
         return Step("new", 0, rungs[0], why="the first trials measure the cost")
     cost = [rate * e for e in rungs]
+    fit = fit_rate(seen, rate)
     top = len(rungs) - 1
     done = max((t.rung for t in seen if t.state == "complete"), default=0)
 
     def ends_by(*chain: int) -> bool:  # these rungs one after another, then the final fit
         answer = max(done, chain[-1])
-        spent = sum(cost[r] for r in chain) + final_seconds(rate, rungs[answer], scale)
+        spent = sum(cost[r] for r in chain) + final_seconds(fit, rungs[answer], scale)
         return spent <= until_end_s
 
     def useful(rung: int) -> bool:  # fits, and is the answer's rung or can still go on

@@ -26,7 +26,14 @@ from kmnist_sweep.errors import SweepStopped, error_line
 from kmnist_sweep.results.budget_figure import BUDGET_FIGURE, TrialSpan, plot_budget
 from kmnist_sweep.results.outputs import SweepSummary
 from kmnist_sweep.sweep import budgeted
-from kmnist_sweep.sweep.budget import answer_rung, final_seconds, per_epoch, per_rung, plan
+from kmnist_sweep.sweep.budget import (
+    answer_rung,
+    final_seconds,
+    fit_rate,
+    per_epoch,
+    per_rung,
+    plan,
+)
 from kmnist_sweep.sweep.budgeted import Budget, clock
 from kmnist_sweep.sweep.storage import STORAGE_ERRORS
 
@@ -125,7 +132,7 @@ class BudgetRun:
             return
         rungs, scale = self.budget.rungs, self.budget.scale
         top = answer_rung(seen, self.budget.end - time.time(), rungs, rate, scale)
-        final = final_seconds(rate, rungs[top], scale)
+        final = final_seconds(fit_rate(seen, rate), rungs[top], scale)
         left = self.budget.end - time.time() - final
         rungs = rungs[: top + 1]
         counts = plan(left, self.workers, rungs, self.budget.keep, rate)

@@ -62,6 +62,8 @@ def seen_of(study: optuna.Study, trials: Sequence[FrozenTrial], rungs: list[int]
         rung = int(t.user_attrs.get(trial_attrs.BUDGET_RUNG, 0))
         epochs = t.user_attrs.get(trial_attrs.BUDGET_EPOCHS, rungs[min(rung, len(rungs) - 1)])
         seconds = t.duration.total_seconds() if t.duration else None
+        curve = t.user_attrs.get(trial_attrs.CURVE) or [{}]
+        train_seconds = curve[-1].get("seconds")
         seen.append(
             Seen(
                 number=t.number,
@@ -71,6 +73,7 @@ def seen_of(study: optuna.Study, trials: Sequence[FrozenTrial], rungs: list[int]
                 value=None if t.value is None else sign * t.value,
                 seconds=seconds,
                 epochs=int(epochs),
+                train_seconds=None if train_seconds is None else float(train_seconds),
             )
         )
     return seen

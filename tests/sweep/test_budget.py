@@ -3,6 +3,7 @@ measured, driven here as a worker loop drives them, against a simulated clock.""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from kmnist_sweep.sweep.budget import (
     next_step,
     per_epoch,
     per_rung,
+    per_train_epoch,
     plan,
     rung_epochs,
 )
@@ -144,6 +146,27 @@ def test_nothing_starts_that_would_end_after_the_budget() -> None:
     # 110 s left: too late for a new config to reach 10 epochs, time for one promotion.
     step = next_step(seen, 110 + final, [3, 10], 3, 10.0, 1.25)
     assert (step.kind, step.source) == ("promote", 0)
+
+
+def test_the_final_fit_is_held_at_the_measured_training_time() -> None:
+    """A trial's wall time includes its start-up and a validation pass per epoch; the final
+    fit (train + valid, no validation split) is held at the training seconds the trials'
+    curves recorded, so that time is not left unused at the end."""
+    # 10 s/epoch a trial, 7 s/epoch of it training.
+    seen = [trial(n, 0, 0.9 + n / 100, train_seconds=21.0) for n in range(3)]
+    seen.append(trial(3, 1, 0.97, source=2, train_seconds=70.0))
+    assert per_train_epoch(seen) == pytest.approx(7.0)
+    assert per_train_epoch([trial(0, 0, 0.9)]) is None  # no curve: a trial's own rate
+    held = final_seconds(7.0, 10, 1.25)
+    assert held < final_seconds(10.0, 10, 1.25)
+    # Time for one more 10-epoch trial and the final fit at the measured training rate
+    # (that would not fit if the final fit were held at a trial's wall rate).
+    left = 100.0 + held
+    assert left < 100.0 + final_seconds(10.0, 10, 1.25)
+    step = next_step(seen, left, [3, 10], 3, 10.0, 1.25)
+    assert (step.kind, step.rung) == ("promote", 1)
+    without_curves = [dataclasses.replace(t, train_seconds=None) for t in seen]
+    assert next_step(without_curves, left, [3, 10], 3, 10.0, 1.25).kind == "stop"
 
 
 def test_without_a_higher_rung_yet_the_first_rung_is_the_answer() -> None:
