@@ -242,6 +242,8 @@ def final_config(base: DictConfig, values: dict[str, Any], overrides: Sequence[s
         cfg.trainer.test_views = 1  # a study from before the key: tested as then, one view
     if "ema" not in cfg.trainer:
         cfg.trainer.ema = 0  # a study from before the key: recorded as it ran, no average
+    if "min_steps" not in cfg.batch_size:
+        cfg.batch_size.min_steps = 0  # a study from before the key: its epochs as set
     for section, key in OLD_DEBUG_KEYS:  # a study from before the debug group
         if isinstance(cfg.get(section), DictConfig):
             cfg[section].pop(key, None)

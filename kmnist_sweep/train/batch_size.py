@@ -184,7 +184,7 @@ def epochs_for(batch: int, n_train: int, cfg: DictConfig) -> int:
     """Epochs of a trial at `batch`: cfg.trainer.epochs, raised until the run takes
     cfg.batch_size.min_steps optimiser steps, but not above cfg.batch_size.max_epochs."""
     epochs = int(cfg.trainer.epochs)
-    min_steps = int(cfg.batch_size.get("min_steps", 0) or 0)
+    min_steps = int(cfg.batch_size.min_steps)
     if min_steps <= 0 or epochs == 0:  # 0 epochs: evaluate the untrained net, as asked
         return epochs
     per_epoch = max(math.ceil(n_train / batch), 1)

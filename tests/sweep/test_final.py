@@ -113,14 +113,15 @@ def test_final_trains_the_trial_named_by_number(
 def test_a_study_from_before_test_views_and_ema_is_recorded_and_tested_as_then(
     tmp_path: Path,
 ) -> None:
-    """A sweep's config.yaml written before trainer.test_views and trainer.ema existed: final
-    records no weight average and tests one view, as the study's trials ran. It also predates
+    """A sweep's config.yaml written before trainer.test_views, trainer.ema and
+    batch_size.min_steps existed: final records no weight average and tests one view, as the
+    study's trials ran. It also predates
     the debug group, whose switches then sat in the study, batch_size and launcher groups."""
     made = cli(*TOY_STUDY, cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-3000:]
     snapshot = tmp_path / "sweeps/lr-synthetic/config.yaml"
     old = yaml.safe_load(snapshot.read_text())
-    del old["trainer"]["test_views"], old["trainer"]["ema"]
+    del old["trainer"]["test_views"], old["trainer"]["ema"], old["batch_size"]["min_steps"]
     debug = old.pop("debug")
     old["study"]["objective"] = debug["objective"]
     old["batch_size"]["inject_oom"] = debug["inject_oom"]
