@@ -17,7 +17,7 @@ inside the search's share of the budget at that rate.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # Margins on measured costs: the machine's speed moves between trials (other processes, a
@@ -64,27 +64,29 @@ def rung_epochs(rungs: Sequence[int] | None, keep: int, top: int) -> list[int]:
 
 
 def per_epoch(seen: Sequence[Seen]) -> float | None:
-    """Seconds per epoch of a trial, overheads included, with its margin: the larger of the
-    last finished trial's and the mean of the last few (a machine that slowed down counts
-    at once, one that sped up only on average). None before any trial finished."""
-    done = [t for t in seen if t.state == "complete" and t.seconds and t.epochs > 0]
-    if not done:
-        return None
-    done.sort(key=lambda t: t.number)
-    rates = [t.seconds / t.epochs for t in done[-RECENT:] if t.seconds]
-    return TRIAL_MARGIN * max(rates[-1], sum(rates) / len(rates))
+    """Seconds per epoch of a trial, overheads included, with its margin. None before any
+    trial finished."""
+    rate = _recent_rate(seen, lambda t: t.seconds)
+    return None if rate is None else TRIAL_MARGIN * rate
 
 
 def per_train_epoch(seen: Sequence[Seen]) -> float | None:
-    """Training seconds per epoch, as per_epoch takes them but without a trial's start-up,
-    per-epoch validation and margin: the final fit has none of those, so its time is held
-    from this. None where no finished trial recorded its training time."""
-    done = [t for t in seen if t.state == "complete" and t.train_seconds and t.epochs > 0]
-    if not done:
-        return None
-    done.sort(key=lambda t: t.number)
-    rates = [t.train_seconds / t.epochs for t in done[-RECENT:] if t.train_seconds]
-    return max(rates[-1], sum(rates) / len(rates))
+    """Training seconds per epoch, without a trial's start-up, per-epoch validation and
+    margin: the final fit has none of those, so its time is held from this. None where no
+    finished trial recorded its training time."""
+    return _recent_rate(seen, lambda t: t.train_seconds)
+
+
+def _recent_rate(seen: Sequence[Seen], seconds: Callable[[Seen], float | None]) -> float | None:
+    """`seconds` per epoch of the finished trials: the larger of the last one's and the mean
+    of the last few (a machine that slowed down counts at once, one that sped up only on
+    average). None where no finished trial has `seconds`."""
+    done = sorted(
+        (t for t in seen if t.state == "complete" and seconds(t) and t.epochs > 0),
+        key=lambda t: t.number,
+    )
+    rates = [(seconds(t) or 0.0) / t.epochs for t in done[-RECENT:]]
+    return max(rates[-1], sum(rates) / len(rates)) if rates else None
 
 
 def fit_rate(seen: Sequence[Seen], rate: float) -> float:
