@@ -271,7 +271,8 @@ def main() -> None:
             if not (args.out / f"{name}.db").is_file():
                 print(f"[{arm}] no study {args.out / name}.db: left out of the plot")
                 continue
-            label = f"+sweep={args.sweep} {ARMS[arm][0]}"
+            sweep = "budget_cpu" if arm == BUDGETED else args.sweep
+            label = f"+sweep={sweep} {ARMS[arm][0]}"
             results[arm] = study_result(label, f"sqlite:///{args.out / name}.db", name, None)
         elif args.replot:
             continue  # the seed recipe keeps no study; replotting must not retrain it
