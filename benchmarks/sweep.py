@@ -86,10 +86,15 @@ class ArmResult:
     wall: float | None = None  # seconds, the sweep and its final fit together
 
 
+def arm_sweep(arm: str, sweep: str) -> str:
+    """The sweep an arm runs: `sweep` (--sweep), except the budgeted arm's own."""
+    return "budget_cpu" if arm == BUDGETED else sweep
+
+
 def run_sweep(arm: str, sweep: str, budget: float, out: Path, extra: list[str]) -> ArmResult:
     label, overrides = ARMS[arm]
     budgeted = arm == BUDGETED
-    sweep = "budget_cpu" if budgeted else sweep
+    sweep = arm_sweep(arm, sweep)
     label = f"+sweep={sweep} {label}"
     limit = (
         [f"study.budget={budget:.0f}s"]
@@ -271,8 +276,7 @@ def main() -> None:
             if not (args.out / f"{name}.db").is_file():
                 print(f"[{arm}] no study {args.out / name}.db: left out of the plot")
                 continue
-            sweep = "budget_cpu" if arm == BUDGETED else args.sweep
-            label = f"+sweep={sweep} {ARMS[arm][0]}"
+            label = f"+sweep={arm_sweep(arm, args.sweep)} {ARMS[arm][0]}"
             results[arm] = study_result(label, f"sqlite:///{args.out / name}.db", name, None)
         elif args.replot:
             continue  # the seed recipe keeps no study; replotting must not retrain it
